@@ -1,0 +1,100 @@
+"""Weighted blending: each signal normalised over the candidates, weighted, summed, and explained.
+
+final[i] = sum over signals s of weight[s] * normalise_s(raw_s)[i], and every item keeps each
+signal's raw value, normalised value, weight and contribution, so the score is explainable from the
+response alone.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+import numpy as np
+
+from ranker.errors import InvalidArgument
+
+
+class Normalization(enum.Enum):
+    IDENTITY = "identity"
+    MINMAX = "minmax"  # (x - min) / (max - min) over the candidates; all equal -> 0
+    ZSCORE = "zscore"  # (x - mean) / std over the candidates; std 0 -> 0
+    RANK = "rank"  # 1 / (1 + rank), rank 0 = highest value
+
+
+@dataclass(frozen=True, kw_only=True)
+class SignalPolicy:
+    weight: float
+    normalization: Normalization
+
+
+# The service's default policy. "ranker" is the learned model's score; "dense" and "lexical" are the
+# retrieval signals, off by default and available to per-request overrides; "retrieval" (reciprocal
+# rank fusion) orders candidates when the ranker cannot run.
+DEFAULT_POLICY: Mapping[str, SignalPolicy] = MappingProxyType({
+    "ranker": SignalPolicy(weight=1.0, normalization=Normalization.IDENTITY),
+    "dense": SignalPolicy(weight=0.0, normalization=Normalization.MINMAX),
+    "lexical": SignalPolicy(weight=0.0, normalization=Normalization.MINMAX),
+    "retrieval": SignalPolicy(weight=1.0, normalization=Normalization.MINMAX),
+})
+
+
+def normalize(values: np.ndarray, how: Normalization) -> np.ndarray:
+    x = np.asarray(values, dtype=np.float64)
+    if len(x) == 0 or how is Normalization.IDENTITY:
+        return x
+    if how is Normalization.MINMAX:
+        span = x.max() - x.min()
+        return (x - x.min()) / span if span > 0 else np.zeros_like(x)
+    if how is Normalization.ZSCORE:
+        std = x.std()
+        return (x - x.mean()) / std if std > 0 else np.zeros_like(x)
+    order = np.argsort(-x, kind="stable")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(len(x))
+    return 1.0 / (1.0 + ranks)
+
+
+def apply_overrides(
+    policy: Mapping[str, SignalPolicy], overrides: Mapping[str, float], *, max_weight: float
+) -> dict[str, SignalPolicy]:
+    """The policy with per-request weights; raises InvalidArgument naming the offending weight."""
+    result = dict(policy)
+    for name, weight in sorted(overrides.items()):
+        field = f"blend.weights[{name!r}]"
+        if name not in policy:
+            raise InvalidArgument(field, f"unknown signal; known signals are {sorted(policy)}")
+        if not math.isfinite(weight) or not 0.0 <= weight <= max_weight:
+            raise InvalidArgument(field, f"weight must be a finite number in 0..{max_weight:g}, got {weight!r}")
+        result[name] = SignalPolicy(weight=weight, normalization=policy[name].normalization)
+    return result
+
+
+@dataclass(frozen=True)
+class Blend:
+    """Blended scores and their explanation, for candidates in input order."""
+
+    final: np.ndarray  # [n]
+    names: tuple[str, ...]
+    raw: np.ndarray  # [signals, n]
+    normalized: np.ndarray  # [signals, n]
+    weights: np.ndarray  # [signals]
+
+    @property
+    def contributions(self) -> np.ndarray:
+        return self.normalized * self.weights[:, None]
+
+
+def blend(signals: Mapping[str, np.ndarray], policy: Mapping[str, SignalPolicy]) -> Blend:
+    """Blend the signals present in both `signals` and `policy` (in the policy's order)."""
+    names = tuple(name for name in policy if name in signals)
+    if not names:
+        raise ValueError("no signal to blend")
+    raw = np.stack([np.asarray(signals[name], dtype=np.float64) for name in names])
+    normalized = np.stack([normalize(raw[i], policy[name].normalization) for i, name in enumerate(names)])
+    weights = np.array([policy[name].weight for name in names], dtype=np.float64)
+    final = (normalized * weights[:, None]).sum(axis=0)
+    return Blend(final=final, names=names, raw=raw, normalized=normalized, weights=weights)

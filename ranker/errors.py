@@ -1,0 +1,75 @@
+"""The service's one exception tree and the table mapping each exception to a gRPC status.
+
+    RankerError
+    ├── InvalidArgument        bad input; the message names the field, the value and the limit
+    ├── NotFound               a named thing (release, item) does not exist
+    ├── Overloaded             the service sheds load rather than queue without bound
+    └── BackendError           a dependency failed; Rank degrades instead of surfacing these
+        ├── BackendUnavailable the dependency cannot be reached or is not ready
+        ├── BackendTimeout     the dependency did not answer within the deadline
+        └── BackendFailed      the dependency answered with an error
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class RankerError(Exception):
+    """Base of every error the service raises on purpose."""
+
+
+class InvalidArgument(RankerError):
+    """A request field is out of its domain."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+
+
+class NotFound(RankerError):
+    """A named release, model or item does not exist."""
+
+
+class Overloaded(RankerError):
+    """Too many requests in flight; the caller should back off and retry."""
+
+
+class BackendError(RankerError):
+    """A dependency (Triton, the profile store) failed."""
+
+    def __init__(self, backend: str, message: str) -> None:
+        super().__init__(f"{backend}: {message}")
+        self.backend = backend
+
+
+class BackendUnavailable(BackendError):
+    """The dependency cannot be reached or reports not ready."""
+
+
+class BackendTimeout(BackendError):
+    """The dependency did not answer in time."""
+
+
+class BackendFailed(BackendError):
+    """The dependency answered with an error."""
+
+
+STATUS_CODES: dict[type[RankerError], grpc.StatusCode] = {
+    RankerError: grpc.StatusCode.INTERNAL,
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    BackendError: grpc.StatusCode.UNAVAILABLE,
+    BackendUnavailable: grpc.StatusCode.UNAVAILABLE,
+    BackendTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
+    BackendFailed: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def status_code(error: RankerError) -> grpc.StatusCode:
+    """The gRPC status for an error: the entry of its most specific class in STATUS_CODES."""
+    for cls in type(error).__mro__:
+        if cls in STATUS_CODES:
+            return STATUS_CODES[cls]  # type: ignore[index]
+    return grpc.StatusCode.INTERNAL

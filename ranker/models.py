@@ -1,0 +1,93 @@
+"""The two model seams (Encoder, Scorer), the query tokenizer, and in-process ONNX Runtime models.
+
+The service runs the models on Triton (ranker.triton); offline evaluation and unit tests run the
+very same ONNX files in-process through OnnxEncoder / OnnxScorer. Tensor names and shapes:
+
+    text_encoder: input_ids INT64 [batch, tokens], attention_mask INT64 [batch, tokens]
+                  -> embedding FP32 [batch, dim] (mean-pooled, L2-normalised)
+    ranker:       features FP32 [rows, NUM_FEATURES] -> score FP32 [rows, 1]
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from tokenizers import Tokenizer
+
+ENCODER_INPUTS = ("input_ids", "attention_mask")
+ENCODER_OUTPUT = "embedding"
+RANKER_INPUT = "features"
+RANKER_OUTPUT = "score"
+
+
+class Encoder(Protocol):
+    async def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray, *, timeout: float | None) -> np.ndarray:
+        """Embeddings [batch, dim] for padded token ids; raises ranker.errors.BackendError."""
+        ...
+
+
+class Scorer(Protocol):
+    async def score(self, features: np.ndarray, *, timeout: float | None) -> np.ndarray:
+        """One relevance score per feature row; raises ranker.errors.BackendError."""
+        ...
+
+
+class QueryTokenizer:
+    """WordPiece ids padded (or truncated) to a fixed length.
+
+    A fixed length gives every query request the same tensor shape, which is what lets Triton's
+    dynamic batcher merge concurrent requests.
+    """
+
+    def __init__(self, tokenizer_file: Path, max_tokens: int) -> None:
+        self._tok = Tokenizer.from_file(str(tokenizer_file))
+        self._tok.enable_truncation(max_length=max_tokens)
+        self._tok.enable_padding(length=max_tokens, pad_id=0)
+        self.max_tokens = max_tokens
+
+    def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        encodings = self._tok.encode_batch(texts)
+        ids = np.array([e.ids for e in encodings], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+        return ids, mask
+
+
+def _session(path: Path, threads: int) -> object:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+class OnnxEncoder:
+    """The text_encoder ONNX file run in-process."""
+
+    def __init__(self, onnx_file: Path, *, threads: int = 0) -> None:
+        self._session = _session(onnx_file, threads)
+
+    def encode_sync(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        feeds = {ENCODER_INPUTS[0]: input_ids, ENCODER_INPUTS[1]: attention_mask}
+        (embedding,) = self._session.run([ENCODER_OUTPUT], feeds)  # type: ignore[attr-defined]
+        return np.asarray(embedding, dtype=np.float32)
+
+    async def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray, *, timeout: float | None) -> np.ndarray:
+        return await asyncio.to_thread(self.encode_sync, input_ids, attention_mask)
+
+
+class OnnxScorer:
+    """The ranker ONNX file run in-process."""
+
+    def __init__(self, onnx_file: Path, *, threads: int = 1) -> None:
+        self._session = _session(onnx_file, threads)
+
+    def score_sync(self, features: np.ndarray) -> np.ndarray:
+        (scores,) = self._session.run([RANKER_OUTPUT], {RANKER_INPUT: features.astype(np.float32)})  # type: ignore[attr-defined]
+        return np.asarray(scores, dtype=np.float32).reshape(-1)
+
+    async def score(self, features: np.ndarray, *, timeout: float | None) -> np.ndarray:
+        return self.score_sync(features)

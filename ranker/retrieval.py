@@ -1,0 +1,235 @@
+"""Candidate retrieval: lexical BM25 (bm25s) and dense ANN (FAISS), and their fusion.
+
+The offline export builds and saves these indexes with the same classes the service loads, so
+evaluation and serving retrieve through one implementation.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import bm25s
+import faiss
+import numpy as np
+import Stemmer
+from bm25s.stopwords import STOPWORDS_EN
+
+_WORD = re.compile(r"(?u)\b\w\w+\b")
+_STOPWORDS = frozenset(STOPWORDS_EN)
+
+
+class Analyzer:
+    """Lower-case words of two or more characters, English stopwords removed, Snowball-stemmed."""
+
+    def __init__(self) -> None:
+        self._stemmer = Stemmer.Stemmer("english")
+
+    def analyze(self, text: str) -> list[str]:
+        words = [w for w in _WORD.findall(text.lower()) if w not in _STOPWORDS]
+        return self._stemmer.stemWords(words) if words else []
+
+    def analyze_many(self, texts: Iterable[str]) -> list[list[str]]:
+        return [self.analyze(t) for t in texts]
+
+
+class LexicalIndex:
+    """BM25 over analysed item text; scores the whole corpus for one query."""
+
+    def __init__(self, bm25: bm25s.BM25, num_items: int) -> None:
+        self._bm25 = bm25
+        self.num_items = num_items
+
+    @classmethod
+    def build(cls, token_lists: Sequence[Sequence[str]]) -> LexicalIndex:
+        # bm25s keeps no document without a token; an empty title still needs its row.
+        corpus = [list(tokens) if tokens else ["\x00empty"] for tokens in token_lists]
+        bm25 = bm25s.BM25()
+        bm25.index(corpus, show_progress=False)
+        return cls(bm25, len(corpus))
+
+    def save(self, directory: Path) -> None:
+        self._bm25.save(str(directory))
+        (directory / "lexical.json").write_text(json.dumps({"num_items": self.num_items}))
+
+    @classmethod
+    def load(cls, directory: Path) -> LexicalIndex:
+        meta = json.loads((directory / "lexical.json").read_text())
+        return cls(bm25s.BM25.load(str(directory)), int(meta["num_items"]))
+
+    def scores(self, query_tokens: Sequence[str]) -> np.ndarray:
+        """BM25 score of every item (float32, one per row); zeros when no query term is indexed."""
+        ids = self._bm25.get_tokens_ids(list(query_tokens))
+        if not ids:
+            return np.zeros(self.num_items, dtype=np.float32)
+        return np.asarray(self._bm25.get_scores_from_ids(ids), dtype=np.float32)
+
+
+class DenseIndex:
+    """Inner-product ANN over L2-normalised item embeddings (FAISS HNSW, or exact for small catalogs)."""
+
+    def __init__(self, index: faiss.Index, embeddings: np.ndarray, ef_search: int) -> None:
+        self._index = index
+        self.embeddings = embeddings
+        self.ef_search = ef_search
+
+    @property
+    def num_items(self) -> int:
+        return int(self._index.ntotal)
+
+    @classmethod
+    def build(
+        cls,
+        embeddings: np.ndarray,
+        *,
+        hnsw_threshold: int = 20_000,
+        hnsw_m: int = 32,
+        ef_construction: int = 80,
+        ef_search: int = 512,
+    ) -> DenseIndex:
+        """Exact search below `hnsw_threshold` items (it is faster there), HNSW above."""
+        vectors = np.ascontiguousarray(embeddings, dtype=np.float32)
+        dim = vectors.shape[1]
+        if len(vectors) < hnsw_threshold:
+            index: faiss.Index = faiss.IndexFlatIP(dim)
+        else:
+            index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction = ef_construction
+        index.add(vectors)
+        return cls(index, vectors, ef_search)
+
+    def save(self, index_path: Path, embeddings_path: Path) -> None:
+        faiss.write_index(self._index, str(index_path))
+        np.save(embeddings_path, self.embeddings)
+
+    @classmethod
+    def load(cls, index_path: Path, embeddings_path: Path, *, ef_search: int = 512) -> DenseIndex:
+        embeddings = np.load(embeddings_path, mmap_mode="r")
+        return cls(faiss.read_index(str(index_path)), embeddings, ef_search)
+
+    def search(self, query: np.ndarray, k: int, allowed: np.ndarray | None = None) -> np.ndarray:
+        """Row ids of the k nearest items, best first; `allowed` is an optional boolean row mask."""
+        k = min(k, self.num_items)
+        if k <= 0:
+            return np.zeros(0, dtype=np.int64)
+        if isinstance(self._index, faiss.IndexHNSW):
+            params: faiss.SearchParameters = faiss.SearchParametersHNSW()
+            params.efSearch = max(self.ef_search, k)
+        else:
+            params = faiss.SearchParameters()
+        if allowed is not None:
+            selector = faiss.IDSelectorBitmap(np.packbits(allowed, bitorder="little"))
+            params.sel = selector
+        _, ids = self._index.search(query.reshape(1, -1).astype(np.float32), k, params=params)
+        row = ids[0]
+        return row[row >= 0]
+
+    def similarities(self, query: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Exact cosine between the query and the given items."""
+        return np.asarray(self.embeddings[rows] @ query.astype(np.float32), dtype=np.float32)
+
+
+def top_rows(scores: np.ndarray, k: int, allowed: np.ndarray | None = None) -> np.ndarray:
+    """Rows of the k highest positive scores, best first, ties by row id."""
+    candidates = np.flatnonzero(scores > 0) if allowed is None else np.flatnonzero((scores > 0) & allowed)
+    if len(candidates) > k:
+        part = np.argpartition(-scores[candidates], k - 1)[:k]
+        candidates = candidates[part]
+    order = np.lexsort((candidates, -scores[candidates]))
+    return candidates[order]
+
+
+def union_rows(*ranked: np.ndarray) -> np.ndarray:
+    """Rows in order of first appearance across the ranked lists (dense first, then lexical...)."""
+    if not ranked:
+        return np.zeros(0, dtype=np.int64)
+    stacked = np.concatenate([np.asarray(r, dtype=np.int64) for r in ranked])
+    _, first = np.unique(stacked, return_index=True)
+    return stacked[np.sort(first)]
+
+
+def reciprocal_rank_fusion(rows: np.ndarray, ranked_lists: Sequence[np.ndarray], k: float = 60.0) -> np.ndarray:
+    """RRF score of each of `rows` over the ranked lists (a row absent from a list gets nothing from it)."""
+    fused = np.zeros(len(rows), dtype=np.float64)
+    position = {int(r): i for i, r in enumerate(rows)}
+    for ranked in ranked_lists:
+        for rank, row in enumerate(ranked):
+            i = position.get(int(row))
+            if i is not None:
+                fused[i] += 1.0 / (k + rank + 1)
+    return fused
+
+
+class Candidates:
+    """One query's candidate rows with the retrieval signals the features and fallbacks need."""
+
+    __slots__ = ("bm25", "dense", "dense_ranked", "lexical_ranked", "rows")
+
+    def __init__(
+        self,
+        rows: np.ndarray,
+        dense: np.ndarray,
+        bm25: np.ndarray,
+        dense_ranked: np.ndarray,
+        lexical_ranked: np.ndarray,
+    ) -> None:
+        self.rows = rows  # item rows, dense hits first, then lexical-only hits
+        self.dense = dense  # cosine per row (0 when no query embedding)
+        self.bm25 = bm25  # BM25 per row
+        self.dense_ranked = dense_ranked  # the ANN's ranked list
+        self.lexical_ranked = lexical_ranked  # BM25's ranked list
+
+    def fused(self) -> np.ndarray:
+        """Reciprocal-rank fusion of the two lists: the order used when the ranker is unavailable."""
+        return reciprocal_rank_fusion(self.rows, [self.dense_ranked, self.lexical_ranked])
+
+
+class HybridRetriever:
+    """Union of the dense ANN's and BM25's top hits, with exact signals for every candidate."""
+
+    def __init__(self, dense: DenseIndex, lexical: LexicalIndex) -> None:
+        self.dense = dense
+        self.lexical = lexical
+
+    def retrieve(
+        self,
+        query_tokens: Sequence[str],
+        query_embedding: np.ndarray | None,
+        *,
+        dense_k: int,
+        lexical_k: int,
+        allowed: np.ndarray | None = None,
+    ) -> Candidates:
+        bm25_all = self.lexical.scores(query_tokens)
+        lexical_ranked = top_rows(bm25_all, lexical_k, allowed)
+        if query_embedding is None:
+            dense_ranked = np.zeros(0, dtype=np.int64)
+        else:
+            dense_ranked = self.dense.search(query_embedding, dense_k, allowed)
+        rows = union_rows(dense_ranked, lexical_ranked)
+        return self.signals(rows, query_embedding, bm25_all, dense_ranked, lexical_ranked)
+
+    def signals(
+        self,
+        rows: np.ndarray,
+        query_embedding: np.ndarray | None,
+        bm25_all: np.ndarray,
+        dense_ranked: np.ndarray | None = None,
+        lexical_ranked: np.ndarray | None = None,
+    ) -> Candidates:
+        """Candidates for given rows (the rerank path passes the caller's items here)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        dense = (
+            self.dense.similarities(query_embedding, rows)
+            if query_embedding is not None
+            else np.zeros(len(rows), dtype=np.float32)
+        )
+        bm25 = bm25_all[rows]
+        # Without retrieval lists (rerank path), each signal's own order over the given rows.
+        if dense_ranked is None:
+            dense_ranked = rows[np.argsort(-dense, kind="stable")] if query_embedding is not None else rows[:0]
+        if lexical_ranked is None:
+            lexical_ranked = rows[np.argsort(-bm25, kind="stable")]
+        return Candidates(rows, dense, bm25, dense_ranked, lexical_ranked)

@@ -1,0 +1,163 @@
+"""Protobuf <-> domain glue for the Ranker gRPC service: validation in, results out, errors mapped.
+
+Nothing else in the service touches generated protobuf classes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from collections.abc import Callable
+
+import grpc
+
+from ranker.config import Settings
+from ranker.domain import DiversityMethod, DiversitySpec, RankQuery, RankResult
+from ranker.errors import InvalidArgument, RankerError, status_code
+from ranker.pipeline import Ranker, check_candidate_ids
+from ranker.v1 import ranker_pb2, ranker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+_METHODS = {
+    ranker_pb2.DIVERSITY_METHOD_UNSPECIFIED: DiversityMethod.NONE,
+    ranker_pb2.DIVERSITY_METHOD_NONE: DiversityMethod.NONE,
+    ranker_pb2.DIVERSITY_METHOD_MMR: DiversityMethod.MMR,
+    ranker_pb2.DIVERSITY_METHOD_DPP: DiversityMethod.DPP,
+}
+MAX_ID_CHARS = 256
+MAX_CATEGORIES = 100
+
+
+def _check_length(field: str, value: str, limit: int) -> None:
+    if len(value) > limit:
+        raise InvalidArgument(field, f"must be at most {limit} characters, got {len(value)}")
+
+
+def _check_price(field: str, value: float) -> None:
+    if not math.isfinite(value) or value < 0:
+        raise InvalidArgument(field, f"must be a finite number >= 0, got {value!r}")
+
+
+def _diversity(request: ranker_pb2.RankRequest, max_top_k: int) -> DiversitySpec:
+    d = request.diversity
+    if d.method not in _METHODS:
+        raise InvalidArgument("diversity.method", f"unknown method {d.method}; known: {sorted(_METHODS)}")
+    strength = d.strength if d.HasField("strength") else 0.0
+    if not math.isfinite(strength) or not 0.0 <= strength <= 1.0:
+        raise InvalidArgument("diversity.strength", f"must be in 0..1, got {strength!r}")
+    for name in ("max_per_category", "max_per_brand"):
+        cap = getattr(d, name)
+        if cap > max_top_k:
+            raise InvalidArgument(f"diversity.{name}", f"must be 0..{max_top_k}, got {cap}")
+    method = _METHODS[d.method]
+    if method is not DiversityMethod.NONE and not d.HasField("strength"):
+        strength = 0.3
+    return DiversitySpec(
+        method=method, strength=strength, max_per_category=d.max_per_category, max_per_brand=d.max_per_brand
+    )
+
+
+def to_query(request: ranker_pb2.RankRequest, settings: Settings, row_of: dict[str, int]) -> RankQuery:
+    """Validate a RankRequest; every violation names the field, the value and the limit."""
+    _check_length("request_id", request.request_id, MAX_ID_CHARS)
+    _check_length("query", request.query, settings.max_query_chars)
+    if request.HasField("user_id"):
+        _check_length("user_id", request.user_id, MAX_ID_CHARS)
+    candidate_ids = tuple(request.candidate_ids)
+    check_candidate_ids(candidate_ids, row_of, settings.max_candidate_ids)
+    if not request.query.strip() and not candidate_ids:
+        raise InvalidArgument("query", "must not be empty when candidate_ids is empty")
+    top_k = request.top_k if request.HasField("top_k") else settings.default_top_k
+    if not 1 <= top_k <= settings.max_top_k:
+        raise InvalidArgument("top_k", f"must be 1..{settings.max_top_k}, got {top_k}")
+
+    filters = request.filters
+    if len(filters.categories) > MAX_CATEGORIES:
+        raise InvalidArgument("filters.categories", f"at most {MAX_CATEGORIES} values, got {len(filters.categories)}")
+    for i, category in enumerate(filters.categories):
+        _check_length(f"filters.categories[{i}]", category, MAX_ID_CHARS)
+    min_price = filters.min_price if filters.HasField("min_price") else None
+    max_price = filters.max_price if filters.HasField("max_price") else None
+    if min_price is not None:
+        _check_price("filters.min_price", min_price)
+    if max_price is not None:
+        _check_price("filters.max_price", max_price)
+    if min_price is not None and max_price is not None and min_price > max_price:
+        raise InvalidArgument("filters.min_price", f"must not exceed max_price {max_price!r}, got {min_price!r}")
+
+    return RankQuery(
+        request_id=request.request_id or uuid.uuid4().hex,
+        query=request.query,
+        top_k=top_k,
+        user_id=request.user_id if request.HasField("user_id") else None,
+        candidate_ids=candidate_ids,
+        categories=frozenset(filters.categories),
+        min_price=min_price,
+        max_price=max_price,
+        weights=dict(request.blend.weights),
+        diversity=_diversity(request, settings.max_top_k),
+    )
+
+
+def _price(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
+def to_response(result: RankResult, ranker: Ranker) -> ranker_pb2.RankResponse:
+    catalog = ranker.release.catalog
+    response = ranker_pb2.RankResponse(
+        request_id=result.request_id,
+        release=ranker_pb2.ReleaseInfo(release_id=result.release_id, model_versions=dict(result.model_versions)),
+        timings=[ranker_pb2.StageTiming(stage=stage, millis=ms) for stage, ms in result.timings_ms],
+        degraded=result.degraded,
+        degraded_reason=result.degraded_reason,
+        candidates=result.candidates,
+    )
+    for item in result.items:
+        response.items.append(
+            ranker_pb2.RankedItem(
+                item_id=item.item_id,
+                score=item.score,
+                title=catalog.titles[item.row],
+                category=catalog.categories[item.row] or "",
+                brand=catalog.brands[item.row] or "",
+                price=_price(float(catalog.prices[item.row])),
+                breakdown=[
+                    ranker_pb2.ScoreComponent(
+                        name=c.name, raw=c.raw, normalized=c.normalized, weight=c.weight, contribution=c.contribution
+                    )
+                    for c in item.breakdown
+                ],
+            )
+        )
+    return response
+
+
+class RankerServicer(ranker_pb2_grpc.RankerServicer):
+    """The Ranker service; `current` returns the serving Ranker (a release swap replaces it)."""
+
+    def __init__(self, current: Callable[[], Ranker], settings: Settings) -> None:
+        self._current = current
+        self._settings = settings
+
+    async def Rank(  # noqa: N802 - the generated servicer's method name
+        self, request: ranker_pb2.RankRequest, context: grpc.aio.ServicerContext
+    ) -> ranker_pb2.RankResponse:
+        ranker = self._current()
+        try:
+            query = to_query(request, self._settings, ranker.release.catalog.row_of)
+            result = await ranker.rank(query, timeout=self._timeout(context))
+            return to_response(result, ranker)
+        except RankerError as e:
+            await context.abort(status_code(e), str(e))
+        except Exception:
+            log.exception("Rank failed (request_id=%s)", request.request_id[:MAX_ID_CHARS])
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        raise AssertionError("unreachable: context.abort raises")
+
+    def _timeout(self, context: grpc.aio.ServicerContext) -> float:
+        remaining = context.time_remaining()
+        limit = self._settings.triton_timeout_s
+        return limit if remaining is None else max(0.001, min(limit, remaining))

@@ -1,0 +1,147 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DiversityMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DIVERSITY_METHOD_UNSPECIFIED: _ClassVar[DiversityMethod]
+    DIVERSITY_METHOD_NONE: _ClassVar[DiversityMethod]
+    DIVERSITY_METHOD_MMR: _ClassVar[DiversityMethod]
+    DIVERSITY_METHOD_DPP: _ClassVar[DiversityMethod]
+DIVERSITY_METHOD_UNSPECIFIED: DiversityMethod
+DIVERSITY_METHOD_NONE: DiversityMethod
+DIVERSITY_METHOD_MMR: DiversityMethod
+DIVERSITY_METHOD_DPP: DiversityMethod
+
+class RankRequest(_message.Message):
+    __slots__ = ("request_id", "query", "user_id", "candidate_ids", "top_k", "filters", "blend", "diversity")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    FILTERS_FIELD_NUMBER: _ClassVar[int]
+    BLEND_FIELD_NUMBER: _ClassVar[int]
+    DIVERSITY_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    query: str
+    user_id: str
+    candidate_ids: _containers.RepeatedScalarFieldContainer[str]
+    top_k: int
+    filters: Filters
+    blend: BlendOverrides
+    diversity: DiversityOptions
+    def __init__(self, request_id: _Optional[str] = ..., query: _Optional[str] = ..., user_id: _Optional[str] = ..., candidate_ids: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., filters: _Optional[_Union[Filters, _Mapping]] = ..., blend: _Optional[_Union[BlendOverrides, _Mapping]] = ..., diversity: _Optional[_Union[DiversityOptions, _Mapping]] = ...) -> None: ...
+
+class Filters(_message.Message):
+    __slots__ = ("categories", "min_price", "max_price")
+    CATEGORIES_FIELD_NUMBER: _ClassVar[int]
+    MIN_PRICE_FIELD_NUMBER: _ClassVar[int]
+    MAX_PRICE_FIELD_NUMBER: _ClassVar[int]
+    categories: _containers.RepeatedScalarFieldContainer[str]
+    min_price: float
+    max_price: float
+    def __init__(self, categories: _Optional[_Iterable[str]] = ..., min_price: _Optional[float] = ..., max_price: _Optional[float] = ...) -> None: ...
+
+class BlendOverrides(_message.Message):
+    __slots__ = ("weights",)
+    class WeightsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    weights: _containers.ScalarMap[str, float]
+    def __init__(self, weights: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class DiversityOptions(_message.Message):
+    __slots__ = ("method", "strength", "max_per_category", "max_per_brand")
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    STRENGTH_FIELD_NUMBER: _ClassVar[int]
+    MAX_PER_CATEGORY_FIELD_NUMBER: _ClassVar[int]
+    MAX_PER_BRAND_FIELD_NUMBER: _ClassVar[int]
+    method: DiversityMethod
+    strength: float
+    max_per_category: int
+    max_per_brand: int
+    def __init__(self, method: _Optional[_Union[DiversityMethod, str]] = ..., strength: _Optional[float] = ..., max_per_category: _Optional[int] = ..., max_per_brand: _Optional[int] = ...) -> None: ...
+
+class RankResponse(_message.Message):
+    __slots__ = ("request_id", "items", "release", "timings", "degraded", "degraded_reason", "candidates")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_REASON_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    items: _containers.RepeatedCompositeFieldContainer[RankedItem]
+    release: ReleaseInfo
+    timings: _containers.RepeatedCompositeFieldContainer[StageTiming]
+    degraded: bool
+    degraded_reason: str
+    candidates: int
+    def __init__(self, request_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[RankedItem, _Mapping]]] = ..., release: _Optional[_Union[ReleaseInfo, _Mapping]] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., degraded: _Optional[bool] = ..., degraded_reason: _Optional[str] = ..., candidates: _Optional[int] = ...) -> None: ...
+
+class RankedItem(_message.Message):
+    __slots__ = ("item_id", "score", "breakdown", "title", "category", "brand", "price")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    BREAKDOWN_FIELD_NUMBER: _ClassVar[int]
+    TITLE_FIELD_NUMBER: _ClassVar[int]
+    CATEGORY_FIELD_NUMBER: _ClassVar[int]
+    BRAND_FIELD_NUMBER: _ClassVar[int]
+    PRICE_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    score: float
+    breakdown: _containers.RepeatedCompositeFieldContainer[ScoreComponent]
+    title: str
+    category: str
+    brand: str
+    price: float
+    def __init__(self, item_id: _Optional[str] = ..., score: _Optional[float] = ..., breakdown: _Optional[_Iterable[_Union[ScoreComponent, _Mapping]]] = ..., title: _Optional[str] = ..., category: _Optional[str] = ..., brand: _Optional[str] = ..., price: _Optional[float] = ...) -> None: ...
+
+class ScoreComponent(_message.Message):
+    __slots__ = ("name", "raw", "normalized", "weight", "contribution")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    RAW_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZED_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    raw: float
+    normalized: float
+    weight: float
+    contribution: float
+    def __init__(self, name: _Optional[str] = ..., raw: _Optional[float] = ..., normalized: _Optional[float] = ..., weight: _Optional[float] = ..., contribution: _Optional[float] = ...) -> None: ...
+
+class ReleaseInfo(_message.Message):
+    __slots__ = ("release_id", "model_versions")
+    class ModelVersionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    RELEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    release_id: str
+    model_versions: _containers.ScalarMap[str, str]
+    def __init__(self, release_id: _Optional[str] = ..., model_versions: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class StageTiming(_message.Message):
+    __slots__ = ("stage", "millis")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    MILLIS_FIELD_NUMBER: _ClassVar[int]
+    stage: str
+    millis: float
+    def __init__(self, stage: _Optional[str] = ..., millis: _Optional[float] = ...) -> None: ...

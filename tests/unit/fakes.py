@@ -1,0 +1,104 @@
+"""Test doubles behind the same protocols as the real models, and a tiny in-memory release."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from ranker.errors import BackendUnavailable
+from ranker.features import FEATURE_NAMES
+from ranker.release import Catalog, Manifest, Release
+from ranker.retrieval import Analyzer, DenseIndex, HybridRetriever, LexicalIndex
+
+ITEMS = [
+    # item_id, title, category, brand, price
+    ("d1", "DEWALT 20V MAX cordless drill driver kit", "power tools", "DEWALT", 129.0),
+    ("d2", "Makita 18V LXT cordless hammer drill", "power tools", "Makita", 149.0),
+    ("d3", "Milwaukee M18 cordless drill driver", "power tools", "Milwaukee", 99.0),
+    ("d4", "DEWALT 20V MAX cordless impact driver", "power tools", "DEWALT", 119.0),
+    ("b1", "Drill bit set titanium 21 piece", "accessories", "DEWALT", 24.0),
+    ("p1", "Behr premium plus interior paint white", "paint", "Behr", 35.0),
+    ("p2", "Glidden exterior paint and primer gray", "paint", "Glidden", None),
+    ("h1", "Garden hose 50 ft heavy duty", "garden", None, 29.0),
+]
+
+
+def embed(text: str, dim: int = 16) -> np.ndarray:
+    """A deterministic bag-of-words embedding: texts sharing words are close."""
+    v = np.zeros(dim, dtype=np.float32)
+    for word in Analyzer().analyze(text):
+        v[hash(word) % dim] += 1.0  # str hashing is randomised per process, but stable within it
+    norm = np.linalg.norm(v)
+    return v / norm if norm > 0 else v
+
+
+class FakeEncoder:
+    """Encoder protocol over `embed`; decodes ids back to text via the test's lookup."""
+
+    def __init__(self, texts: dict[int, str], fail: bool = False) -> None:
+        self.texts = texts
+        self.fail = fail
+        self.calls = 0
+
+    async def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray, *, timeout: float | None) -> np.ndarray:
+        self.calls += 1
+        if self.fail:
+            raise BackendUnavailable("triton:text_encoder", "connection refused")
+        return np.stack([embed(self.texts[int(row[0])]) for row in input_ids])
+
+
+class FakeScorer:
+    """Scorer protocol: a fixed linear model over the named features."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.weights = np.zeros(len(FEATURE_NAMES), dtype=np.float32)
+        self.weights[FEATURE_NAMES.index("dense_cosine")] = 1.0
+        self.weights[FEATURE_NAMES.index("query_term_coverage")] = 2.0
+
+    async def score(self, features: np.ndarray, *, timeout: float | None) -> np.ndarray:
+        if self.fail:
+            raise BackendUnavailable("triton:ranker", "model not ready")
+        return features @ self.weights
+
+
+class FakeTokenizer:
+    """QueryTokenizer stand-in: one id per distinct text, remembered for FakeEncoder."""
+
+    def __init__(self) -> None:
+        self.texts: dict[int, str] = {}
+        self.max_tokens = 4
+
+    def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        ids = []
+        for text in texts:
+            key = len(self.texts) + 1
+            self.texts[key] = text
+            ids.append([key, 0, 0, 0])
+        arr = np.array(ids, dtype=np.int64)
+        return arr, (arr > 0).astype(np.int64)
+
+
+def tiny_release() -> Release:
+    frame = pl.DataFrame(
+        ITEMS, schema=["item_id", "title", "category", "brand", "price"], orient="row"
+    ).with_columns(pl.col("price").cast(pl.Float64))
+    analyzer = Analyzer()
+    catalog = Catalog.from_frame(frame, analyzer)
+    embeddings = np.stack([embed(t) for t in catalog.titles])
+    retriever = HybridRetriever(DenseIndex.build(embeddings), LexicalIndex.build(catalog.tokens))
+    manifest = Manifest.from_json(
+        {
+            "format": 1,
+            "release_id": "test-release",
+            "created_at": "2026-01-01T00:00:00Z",
+            "models": {
+                "text_encoder": {"version": 3, "dim": 16, "max_query_tokens": 4},
+                "ranker": {"version": 5, "features": list(FEATURE_NAMES)},
+            },
+            "index": {"items": len(ITEMS)},
+        }
+    )
+    return Release(path=Path("/nonexistent"), manifest=manifest, catalog=catalog, retriever=retriever, analyzer=analyzer)

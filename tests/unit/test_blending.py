@@ -1,0 +1,50 @@
+"""Blending: normalisations, overrides within guardrails, contributions that sum to the score."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from ranker.blending import DEFAULT_POLICY, Normalization, SignalPolicy, apply_overrides, blend, normalize
+from ranker.errors import InvalidArgument
+
+
+@pytest.mark.parametrize(
+    ("how", "expected"),
+    [
+        (Normalization.IDENTITY, [1.0, 3.0, 2.0]),
+        (Normalization.MINMAX, [0.0, 1.0, 0.5]),
+        (Normalization.RANK, [1 / 3, 1.0, 0.5]),
+    ],
+)
+def test_normalize(how: Normalization, expected: list[float]) -> None:
+    assert normalize(np.array([1.0, 3.0, 2.0]), how) == pytest.approx(expected)
+
+
+def test_constant_signal_normalises_to_zero() -> None:
+    assert normalize(np.array([2.0, 2.0]), Normalization.MINMAX).tolist() == [0.0, 0.0]
+    assert normalize(np.array([2.0, 2.0]), Normalization.ZSCORE).tolist() == [0.0, 0.0]
+
+
+def test_blend_sums_weighted_normalised_signals() -> None:
+    policy = {
+        "a": SignalPolicy(weight=2.0, normalization=Normalization.IDENTITY),
+        "b": SignalPolicy(weight=0.5, normalization=Normalization.MINMAX),
+    }
+    result = blend({"a": np.array([1.0, 0.0]), "b": np.array([0.0, 4.0])}, policy)
+    assert result.final.tolist() == pytest.approx([2.0, 0.5])
+    assert result.contributions.sum(axis=0) == pytest.approx(result.final)
+
+
+@pytest.mark.parametrize("weight", [-0.1, math.nan, math.inf, 10.5])
+def test_out_of_bounds_weights_are_rejected_with_the_field(weight: float) -> None:
+    with pytest.raises(InvalidArgument, match=r"blend.weights\['ranker'\].*0..10"):
+        apply_overrides(DEFAULT_POLICY, {"ranker": weight}, max_weight=10.0)
+
+
+def test_override_keeps_normalisation() -> None:
+    policy = apply_overrides(DEFAULT_POLICY, {"dense": 0.3}, max_weight=10.0)
+    assert policy["dense"].weight == 0.3
+    assert policy["dense"].normalization is DEFAULT_POLICY["dense"].normalization

@@ -1,0 +1,104 @@
+"""The Rank pipeline over fakes: ordering, rerank mode, filters, caps, degradation, breakdowns."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from ranker.domain import DiversityMethod, DiversitySpec, RankQuery
+from ranker.errors import InvalidArgument
+from ranker.pipeline import PipelineSettings, Ranker, check_candidate_ids
+from tests.unit.fakes import FakeEncoder, FakeScorer, FakeTokenizer, tiny_release
+
+
+def make_ranker(*, encoder_fails: bool = False, scorer_fails: bool = False) -> Ranker:
+    tokenizer = FakeTokenizer()
+    return Ranker(
+        tiny_release(),
+        encoder=FakeEncoder(tokenizer.texts, fail=encoder_fails),
+        scorer=FakeScorer(fail=scorer_fails),
+        tokenizer=tokenizer,  # type: ignore[arg-type]
+        settings=PipelineSettings(dense_k=5, lexical_k=5),
+    )
+
+
+def rank(ranker: Ranker, **kwargs: object) -> object:
+    query = RankQuery(request_id="r1", **{"query": "cordless drill", "top_k": 5, **kwargs})  # type: ignore[arg-type]
+    return asyncio.run(ranker.rank(query))
+
+
+def test_drill_query_puts_drills_first() -> None:
+    result = rank(make_ranker())
+    ids = [item.item_id for item in result.items]
+    assert set(ids[:3]) <= {"d1", "d2", "d3", "d4"}
+    assert "p1" not in ids[:3]
+    assert not result.degraded
+    assert result.model_versions == {"text_encoder": "3", "ranker": "5"}
+    assert [stage for stage, _ in result.timings_ms] == ["encode", "retrieve", "features", "score", "blend", "diversify"]
+
+
+def test_scores_are_non_increasing_and_breakdowns_sum_to_the_score() -> None:
+    result = rank(make_ranker(), top_k=8)
+    scores = [item.score for item in result.items]
+    assert scores == sorted(scores, reverse=True)
+    for item in result.items:
+        assert sum(c.contribution for c in item.breakdown) == pytest.approx(item.score, abs=1e-9)
+
+
+def test_candidate_ids_rerank_exactly_those_items() -> None:
+    result = rank(make_ranker(), candidate_ids=("p1", "d2", "h1"), top_k=10)
+    assert sorted(item.item_id for item in result.items) == ["d2", "h1", "p1"]
+    assert result.items[0].item_id == "d2"
+
+
+def test_filters_restrict_category_and_price() -> None:
+    result = rank(make_ranker(), categories=frozenset({"power tools"}), max_price=130.0, top_k=10)
+    ids = {item.item_id for item in result.items}
+    assert ids and ids <= {"d1", "d3", "d4"}
+
+
+def test_unknown_price_never_passes_a_price_filter() -> None:
+    result = rank(make_ranker(), query="paint", min_price=0.0, top_k=10)
+    assert "p2" not in {item.item_id for item in result.items}
+
+
+def test_encoder_down_answers_lexically_and_says_so() -> None:
+    result = rank(make_ranker(encoder_fails=True))
+    assert result.degraded
+    assert "text_encoder" in result.degraded_reason
+    assert result.items and result.items[0].item_id.startswith("d")
+
+
+def test_ranker_down_falls_back_to_retrieval_order() -> None:
+    result = rank(make_ranker(scorer_fails=True))
+    assert result.degraded and "ranker" in result.degraded_reason
+    assert {c.name for c in result.items[0].breakdown} >= {"retrieval"}
+
+
+def test_brand_cap_holds_in_the_top_k() -> None:
+    spec = DiversitySpec(method=DiversityMethod.MMR, strength=0.5, max_per_brand=1)
+    result = rank(make_ranker(), diversity=spec, top_k=8)
+    brands = [result_brand for result_brand in (tiny_release().catalog.brands[i.row] for i in result.items) if result_brand]
+    assert len(brands) == len(set(brands))
+
+
+def test_weight_override_changes_the_order() -> None:
+    base = rank(make_ranker(), query="dewalt drill", top_k=8)
+    lexical = rank(make_ranker(), query="dewalt drill", top_k=8, weights={"ranker": 0.0, "lexical": 1.0})
+    assert [i.item_id for i in lexical.items][0] in {"d1", "d4", "b1"}
+    assert lexical.items[0].breakdown != base.items[0].breakdown
+
+
+def test_unknown_weight_is_invalid() -> None:
+    with pytest.raises(InvalidArgument, match=r"blend.weights\['popularity'\]"):
+        rank(make_ranker(), weights={"popularity": 1.0})
+
+
+def test_candidate_id_checks_name_the_index() -> None:
+    with pytest.raises(InvalidArgument, match=r"candidate_ids\[1\]: unknown item id 'nope'"):
+        check_candidate_ids(("d1", "nope"), {"d1": 0}, 10)
+    with pytest.raises(InvalidArgument, match=r"candidate_ids\[1\]: duplicate"):
+        check_candidate_ids(("d1", "d1"), {"d1": 0}, 10)
+    with pytest.raises(InvalidArgument, match="at most 1 ids, got 2"):
+        check_candidate_ids(("d1", "d1"), {"d1": 0}, 1)

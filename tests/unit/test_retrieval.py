@@ -1,0 +1,60 @@
+"""Retrieval: BM25 and FAISS behave, filters hold inside the ANN, fusion and union are ordered."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ranker.retrieval import Analyzer, DenseIndex, LexicalIndex, reciprocal_rank_fusion, top_rows, union_rows
+
+TITLES = ["cordless drill kit", "drill bits set", "interior paint white", "garden hose", ""]
+
+
+def test_analyzer_stems_and_drops_stopwords() -> None:
+    assert Analyzer().analyze("The Drills and a HOSE") == ["drill", "hose"]
+
+
+def test_bm25_scores_every_item_and_survives_save_load(tmp_path: Path) -> None:
+    analyzer = Analyzer()
+    index = LexicalIndex.build(analyzer.analyze_many(TITLES))
+    scores = index.scores(analyzer.analyze("drills"))
+    assert scores.shape == (len(TITLES),)
+    assert scores[0] > 0 and scores[1] > 0 and scores[2] == 0
+    index.save(tmp_path)
+    again = LexicalIndex.load(tmp_path)
+    assert np.allclose(again.scores(["drill"]), index.scores(["drill"]))
+    assert not index.scores(["unknownword"]).any()
+
+
+def random_unit(n: int, dim: int, seed: int = 0) -> np.ndarray:
+    v = np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def test_hnsw_matches_exact_search_and_honours_the_mask() -> None:
+    emb = random_unit(3000, 32)
+    hnsw = DenseIndex.build(emb, hnsw_threshold=1000)
+    flat = DenseIndex.build(emb, hnsw_threshold=10**9)
+    q = emb[17]
+    assert hnsw.search(q, 10)[0] == 17
+    overlap = len(set(hnsw.search(q, 50)) & set(flat.search(q, 50)))
+    assert overlap >= 48
+    allowed = np.zeros(len(emb), dtype=bool)
+    allowed[1::2] = True
+    for index in (hnsw, flat):
+        hits = index.search(q, 20, allowed)
+        assert len(hits) == 20 and all(h % 2 == 1 for h in hits)
+
+
+def test_top_rows_orders_by_score_then_row() -> None:
+    scores = np.array([0.0, 2.0, 3.0, 2.0, 1.0])
+    assert top_rows(scores, 3).tolist() == [2, 1, 3]
+    assert top_rows(scores, 10, scores < 3).tolist() == [1, 3, 4]
+
+
+def test_union_and_rrf() -> None:
+    rows = union_rows(np.array([5, 3]), np.array([3, 9]))
+    assert rows.tolist() == [5, 3, 9]
+    fused = reciprocal_rank_fusion(rows, [np.array([5, 3]), np.array([3, 9])])
+    assert fused[1] > fused[0] > fused[2]
