@@ -34,12 +34,14 @@ class SignalPolicy:
 # The service's default policy. "ranker" is the learned model's score; "dense" and "lexical" are the
 # retrieval signals, off by default and available to per-request overrides; "retrieval" (reciprocal
 # rank fusion) orders candidates when the ranker cannot run.
-DEFAULT_POLICY: Mapping[str, SignalPolicy] = MappingProxyType({
-    "ranker": SignalPolicy(weight=1.0, normalization=Normalization.IDENTITY),
-    "dense": SignalPolicy(weight=0.0, normalization=Normalization.MINMAX),
-    "lexical": SignalPolicy(weight=0.0, normalization=Normalization.MINMAX),
-    "retrieval": SignalPolicy(weight=1.0, normalization=Normalization.MINMAX),
-})
+DEFAULT_POLICY: Mapping[str, SignalPolicy] = MappingProxyType(
+    {
+        "ranker": SignalPolicy(weight=1.0, normalization=Normalization.IDENTITY),
+        "dense": SignalPolicy(weight=0.0, normalization=Normalization.MINMAX),
+        "lexical": SignalPolicy(weight=0.0, normalization=Normalization.MINMAX),
+        "retrieval": SignalPolicy(weight=1.0, normalization=Normalization.MINMAX),
+    }
+)
 
 
 def normalize(values: np.ndarray, how: Normalization) -> np.ndarray:

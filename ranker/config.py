@@ -29,7 +29,12 @@ class Settings(BaseSettings):
         description="host:port of Triton's gRPC endpoint, or 'embedded' to start a local CPU tritonserver",
     )
     triton_config_name: str = Field(default="cpu", description="--model-config-name for the embedded server")
-    triton_timeout_s: float = Field(default=2.0, gt=0, le=60, description="per-call limit when the caller sets no deadline")
+    triton_startup_wait_s: float = Field(
+        default=120.0, ge=0, description="how long to wait for Triton's models at start before serving degraded"
+    )
+    triton_timeout_s: float = Field(
+        default=2.0, gt=0, le=60, description="per-call limit when the caller sets no deadline"
+    )
 
     dense_k: int | None = Field(default=None, ge=1, le=4000, description="ANN candidates; default from the release")
     lexical_k: int | None = Field(default=None, ge=1, le=4000, description="BM25 candidates; default from the release")
@@ -51,7 +56,7 @@ def load_settings(**overrides: object) -> Settings:
     known = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
     for key in sorted(k for k in os.environ if k.startswith(ENV_PREFIX) and k not in known):
         log.warning("ignoring unknown setting %s", key)
-    env = {
+    env: dict[str, object] = {
         name: os.environ[ENV_PREFIX + name.upper()]
         for name in Settings.model_fields
         if ENV_PREFIX + name.upper() in os.environ

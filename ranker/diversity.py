@@ -25,9 +25,7 @@ class _Caps:
         self._limits = [entry for entry in self._limits if entry[0] > 0]
 
     def allows(self, i: int) -> bool:
-        return all(
-            values[i] is None or counts[values[i]] < limit for limit, values, counts in self._limits
-        )
+        return all(values[i] is None or counts[values[i]] < limit for limit, values, counts in self._limits)
 
     def take(self, i: int) -> None:
         for _, values, counts in self._limits:

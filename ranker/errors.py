@@ -1,13 +1,13 @@
 """The service's one exception tree and the table mapping each exception to a gRPC status.
 
-    RankerError
-    ├── InvalidArgument        bad input; the message names the field, the value and the limit
-    ├── NotFound               a named thing (release, item) does not exist
-    ├── Overloaded             the service sheds load rather than queue without bound
-    └── BackendError           a dependency failed; Rank degrades instead of surfacing these
-        ├── BackendUnavailable the dependency cannot be reached or is not ready
-        ├── BackendTimeout     the dependency did not answer within the deadline
-        └── BackendFailed      the dependency answered with an error
+RankerError
+├── InvalidArgument        bad input; the message names the field, the value and the limit
+├── NotFound               a named thing (release, item) does not exist
+├── Overloaded             the service sheds load rather than queue without bound
+└── BackendError           a dependency failed; Rank degrades instead of surfacing these
+    ├── BackendUnavailable the dependency cannot be reached or is not ready
+    ├── BackendTimeout     the dependency did not answer within the deadline
+    └── BackendFailed      the dependency answered with an error
 """
 
 from __future__ import annotations
@@ -71,5 +71,5 @@ def status_code(error: RankerError) -> grpc.StatusCode:
     """The gRPC status for an error: the entry of its most specific class in STATUS_CODES."""
     for cls in type(error).__mro__:
         if cls in STATUS_CODES:
-            return STATUS_CODES[cls]  # type: ignore[index]
+            return STATUS_CODES[cls]
     return grpc.StatusCode.INTERNAL

@@ -8,6 +8,7 @@ queries of very different BM25 scale.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -37,7 +38,7 @@ def _reciprocal_rank(values: np.ndarray) -> np.ndarray:
 
 
 def _bigrams(tokens: Sequence[str]) -> set[tuple[str, str]]:
-    return set(zip(tokens, tokens[1:], strict=False))
+    return set(itertools.pairwise(tokens))
 
 
 def assemble(

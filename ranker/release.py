@@ -132,7 +132,9 @@ class Catalog:
             row_of={item_id: row for row, item_id in enumerate(ids)},
         )
 
-    def mask(self, *, categories: frozenset[str], min_price: float | None, max_price: float | None) -> np.ndarray | None:
+    def mask(
+        self, *, categories: frozenset[str], min_price: float | None, max_price: float | None
+    ) -> np.ndarray | None:
         """Boolean row mask for the filters; None when nothing is filtered."""
         if not categories and min_price is None and max_price is None:
             return None

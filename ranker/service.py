@@ -142,9 +142,7 @@ class RankerServicer(ranker_pb2_grpc.RankerServicer):
         self._current = current
         self._settings = settings
 
-    async def Rank(  # noqa: N802 - the generated servicer's method name
-        self, request: ranker_pb2.RankRequest, context: grpc.aio.ServicerContext
-    ) -> ranker_pb2.RankResponse:
+    async def Rank(self, request: ranker_pb2.RankRequest, context: grpc.aio.ServicerContext) -> ranker_pb2.RankResponse:
         ranker = self._current()
         try:
             query = to_query(request, self._settings, ranker.release.catalog.row_of)

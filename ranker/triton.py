@@ -1,0 +1,198 @@
+"""The service's one seam to Triton: encoder/scorer clients over gRPC, tritonclient errors translated."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Iterable
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+from tritonclient.grpc import InferInput, InferRequestedOutput
+from tritonclient.grpc.aio import InferenceServerClient
+from tritonclient.utils import InferenceServerException
+
+from ranker.errors import BackendError, BackendFailed, BackendTimeout, BackendUnavailable
+from ranker.models import ENCODER_INPUTS, ENCODER_OUTPUT, RANKER_INPUT, RANKER_OUTPUT
+
+# Same names as ranker.release.ENCODER_MODEL / RANKER_MODEL (not imported: release pulls in faiss).
+ENCODER_MODEL = "text_encoder"
+RANKER_MODEL = "ranker"
+
+T = TypeVar("T")
+
+_UNAVAILABLE = {"StatusCode.UNAVAILABLE", "StatusCode.NOT_FOUND"}
+_TIMEOUT = {"StatusCode.DEADLINE_EXCEEDED"}
+# Triton answers an unloaded / unknown / not-ready model with these (status INVALID_ARGUMENT or
+# UNAVAILABLE depending on the endpoint); for the service they all mean "not being served".
+_UNAVAILABLE_MESSAGES = (
+    "not ready",
+    "unknown model",
+    "is not found",
+    "failed to connect",
+    "connection refused",
+)
+
+
+def translate(error: BaseException, backend: str) -> BackendError:
+    """The ranker.errors exception for anything tritonclient, grpc or asyncio raised."""
+    if isinstance(error, BackendError):
+        return error
+    if isinstance(error, TimeoutError):  # asyncio.TimeoutError is TimeoutError since 3.11
+        return BackendTimeout(backend, "no answer before the deadline")
+    if isinstance(error, InferenceServerException):
+        status, message = str(error.status() or ""), str(error.message() or error)
+    elif isinstance(error, grpc.RpcError):
+        status, message = str(error.code()), str(error.details() or error)
+    else:
+        return BackendFailed(backend, f"{type(error).__name__}: {error}")
+    text = f"{message} ({status})" if status else message
+    if status in _TIMEOUT:
+        return BackendTimeout(backend, text)
+    if status in _UNAVAILABLE or any(m in message.lower() for m in _UNAVAILABLE_MESSAGES):
+        return BackendUnavailable(backend, text)
+    return BackendFailed(backend, text)
+
+
+async def _guarded(call: Awaitable[T], backend: str) -> T:
+    try:
+        return await call
+    except (InferenceServerException, grpc.RpcError, TimeoutError) as e:
+        raise translate(e, backend) from e
+
+
+class TritonModels:
+    """One gRPC connection to a Triton server, shared by the encoder and scorer clients.
+
+    The aio channel is created on first use so it binds to the event loop that uses it.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._client: InferenceServerClient | None = None
+
+    @property
+    def client(self) -> InferenceServerClient:
+        if self._client is None:
+            self._client = InferenceServerClient(url=self.url)
+        return self._client
+
+    async def ready(self, models: Iterable[str] = ()) -> bool:
+        """True when the server and each of `models` are ready; never raises."""
+        try:
+            if not await self.client.is_server_ready(client_timeout=2.0):
+                return False
+            for model in models:
+                if not await self.client.is_model_ready(model, client_timeout=2.0):
+                    return False
+        except (InferenceServerException, grpc.RpcError, TimeoutError):
+            return False
+        return True
+
+    async def wait_ready(self, models: Iterable[str], timeout: float) -> None:
+        """Block until ready(models); raises BackendUnavailable after `timeout` seconds."""
+        models = list(models)
+        deadline = time.monotonic() + timeout
+        while not await self.ready(models):
+            if time.monotonic() >= deadline:
+                raise BackendUnavailable(f"triton@{self.url}", f"models {models} not ready after {timeout:.0f} s")
+            await asyncio.sleep(0.2)
+
+    async def infer(
+        self,
+        model: str,
+        version: str,
+        inputs: list[InferInput],
+        output: str,
+        timeout: float | None,
+    ) -> np.ndarray:
+        """One output of one inference; every failure is a ranker.errors.BackendError."""
+        backend = f"triton:{model}"
+        result = await _guarded(
+            self.client.infer(
+                model,
+                inputs,
+                model_version=version,
+                outputs=[InferRequestedOutput(output)],
+                client_timeout=timeout,
+            ),
+            backend,
+        )
+        array = result.as_numpy(output)
+        if array is None:
+            raise BackendFailed(backend, f"response has no output {output!r}")
+        return np.asarray(array, dtype=np.float32)
+
+    async def _statistics(self, model: str, version: str) -> Any:
+        response = await _guarded(self.client.get_inference_statistics(model, version), f"triton:{model}")
+        if not response.model_stats:
+            raise BackendFailed(f"triton:{model}", "no statistics returned")
+        return response.model_stats[0]
+
+    async def batch_statistics(self, model: str, version: str = "") -> dict[int, int]:
+        """{execution batch size: number of executions} as counted by Triton for the model."""
+        stats = await self._statistics(model, version)
+        return {int(b.batch_size): int(b.compute_infer.count) for b in stats.batch_stats}
+
+    async def execution_counts(self, model: str, version: str = "") -> dict[str, int]:
+        """Successful requests, rows inferred and model executions; executions < requests means
+        the dynamic batcher merged requests."""
+        stats = await self._statistics(model, version)
+        return {
+            "requests": int(stats.inference_stats.success.count),
+            "inferences": int(stats.inference_count),
+            "executions": int(stats.execution_count),
+        }
+
+    async def close(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            with contextlib.suppress(InferenceServerException, grpc.RpcError):  # a dead channel is fine
+                await client.close()
+
+
+def _input(name: str, array: np.ndarray, datatype: str, backend: str) -> InferInput:
+    tensor = InferInput(name, list(array.shape), datatype)
+    try:
+        tensor.set_data_from_numpy(array)
+    except InferenceServerException as e:  # raised client-side for a dtype/shape mismatch
+        raise BackendFailed(backend, f"input {name}: {e.message()}") from e
+    return tensor
+
+
+class TritonEncoder:
+    """ranker.models.Encoder on Triton's text_encoder, pinned to one model version."""
+
+    def __init__(self, models: TritonModels, *, version: str, model: str = ENCODER_MODEL) -> None:
+        self._models = models
+        self.model = model
+        self.version = str(version)
+
+    async def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray, *, timeout: float | None) -> np.ndarray:
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
+        backend = f"triton:{self.model}"
+        inputs = [
+            _input(ENCODER_INPUTS[0], ids, "INT64", backend),
+            _input(ENCODER_INPUTS[1], mask, "INT64", backend),
+        ]
+        return await self._models.infer(self.model, self.version, inputs, ENCODER_OUTPUT, timeout)
+
+
+class TritonScorer:
+    """ranker.models.Scorer on Triton's ranker, pinned to one model version."""
+
+    def __init__(self, models: TritonModels, *, version: str, model: str = RANKER_MODEL) -> None:
+        self._models = models
+        self.model = model
+        self.version = str(version)
+
+    async def score(self, features: np.ndarray, *, timeout: float | None) -> np.ndarray:
+        rows = np.ascontiguousarray(features, dtype=np.float32)
+        if rows.shape[0] == 0:  # Triton rejects an empty batch; nothing to score is not an error
+            return np.zeros(0, dtype=np.float32)
+        inputs = [_input(RANKER_INPUT, rows, "FP32", f"triton:{self.model}")]
+        scores = await self._models.infer(self.model, self.version, inputs, RANKER_OUTPUT, timeout)
+        return scores.reshape(-1)

@@ -1,0 +1,158 @@
+"""Rank end to end: exported release -> real tritonserver -> `python -m ranker serve` -> gRPC client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import polars as pl
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from ranker.triton import TritonModels
+from ranker.tritonserver import LocalTritonServer
+from ranker.v1 import ranker_pb2, ranker_pb2_grpc
+from tests.integration.conftest import EXAMPLES
+
+pytestmark = [pytest.mark.triton, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def stub(ranker_target: str) -> Iterator[ranker_pb2_grpc.RankerStub]:
+    with grpc.insecure_channel(ranker_target) as channel:
+        yield ranker_pb2_grpc.RankerStub(channel)
+
+
+def judged_queries(n: int = 6) -> dict[str, dict[str, float]]:
+    """The first n example queries (sorted) that have at least one highly relevant item."""
+    judgments = pl.read_csv(EXAMPLES / "judgments.csv", infer_schema_length=0).with_columns(
+        pl.col("relevance").cast(pl.Float64)
+    )
+    query_col = "query" if "query" in judgments.columns else "search_term"
+    item_col = "item_id" if "item_id" in judgments.columns else "product_uid"
+    grouped: dict[str, dict[str, float]] = {}
+    for query, item, relevance in judgments.select(query_col, item_col, "relevance").iter_rows():
+        grouped.setdefault(query, {})[item] = relevance
+    good = sorted(q for q, items in grouped.items() if max(items.values()) >= 2.5)
+    return {q: grouped[q] for q in good[:n]}
+
+
+def test_rank_puts_relevant_products_first(stub: ranker_pb2_grpc.RankerStub) -> None:
+    queries = judged_queries()
+    assert len(queries) >= 3
+    for query, judged in queries.items():
+        response = stub.Rank(ranker_pb2.RankRequest(query=query, top_k=5), timeout=30)
+        ids = [item.item_id for item in response.items]
+        assert len(ids) == 5, query
+        assert max(judged.get(i, 1.0) for i in ids) >= 2.5, (query, [i.title for i in response.items])
+
+
+def test_response_is_explainable_and_stamped(stub: ranker_pb2_grpc.RankerStub, example_release: Path) -> None:
+    manifest = json.loads((example_release / "manifest.json").read_text())
+    response = stub.Rank(ranker_pb2.RankRequest(request_id="req-1", query="drill", top_k=10), timeout=30)
+    assert response.request_id == "req-1"
+    assert not response.degraded and response.degraded_reason == ""
+    assert response.release.release_id == manifest["release_id"]
+    assert dict(response.release.model_versions) == {"text_encoder": "1", "ranker": "1"}
+    assert [t.stage for t in response.timings] == ["encode", "retrieve", "features", "score", "blend", "diversify"]
+    assert response.candidates >= len(response.items) == 10
+    scores = [item.score for item in response.items]
+    assert scores == sorted(scores, reverse=True)
+    for item in response.items:
+        assert item.title
+        assert math.isclose(sum(c.contribution for c in item.breakdown), item.score, abs_tol=1e-6)
+        assert {c.name for c in item.breakdown} >= {"ranker", "dense", "lexical", "diversity"}
+
+
+def test_candidate_ids_are_reranked_exactly(stub: ranker_pb2_grpc.RankerStub) -> None:
+    some = [item.item_id for item in stub.Rank(ranker_pb2.RankRequest(query="paint", top_k=8), timeout=30).items]
+    chosen = list(reversed(some[2:6]))
+    response = stub.Rank(ranker_pb2.RankRequest(query="paint", candidate_ids=chosen, top_k=20), timeout=30)
+    assert sorted(item.item_id for item in response.items) == sorted(chosen)
+
+
+BAD_REQUESTS = {
+    "empty query": (ranker_pb2.RankRequest(query=""), "query"),
+    "top_k 0": (ranker_pb2.RankRequest(query="drill", top_k=0), "top_k: must be 1..200, got 0"),
+    "top_k 10000": (ranker_pb2.RankRequest(query="drill", top_k=10_000), "top_k: must be 1..200, got 10000"),
+    "unknown id": (ranker_pb2.RankRequest(query="drill", candidate_ids=["no-such-item"]), "candidate_ids[0]"),
+    "NaN weight": (
+        ranker_pb2.RankRequest(query="drill", blend=ranker_pb2.BlendOverrides(weights={"ranker": math.nan})),
+        "blend.weights['ranker']",
+    ),
+    "negative weight": (
+        ranker_pb2.RankRequest(query="drill", blend=ranker_pb2.BlendOverrides(weights={"dense": -1.0})),
+        "blend.weights['dense']",
+    ),
+    "1 MB query": (ranker_pb2.RankRequest(query="x" * 1_000_000), "query: must be at most 1000 characters"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
+def test_bad_input_is_invalid_argument_and_the_server_keeps_serving(
+    stub: ranker_pb2_grpc.RankerStub, case: str
+) -> None:
+    request, message = BAD_REQUESTS[case]
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Rank(request, timeout=30)
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+    assert message in caught.value.details()
+    assert stub.Rank(ranker_pb2.RankRequest(query="drill", top_k=3), timeout=30).items
+
+
+def test_health_and_reflection(ranker_target: str) -> None:
+    with grpc.insecure_channel(ranker_target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "ranker.v1.Ranker"):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        services = ProtoReflectionDescriptorDatabase(channel).get_services()
+        assert "ranker.v1.Ranker" in services and "grpc.health.v1.Health" in services
+        descriptor = ProtoReflectionDescriptorDatabase(channel).FindFileContainingSymbol("ranker.v1.Ranker")
+        assert descriptor.package == "ranker.v1"
+
+
+async def _concurrent_ranks(target: str, n: int) -> list[ranker_pb2.RankResponse]:
+    queries = ["drill", "paint", "hose", "saw", "ladder", "light bulb", "faucet", "screws"]
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = ranker_pb2_grpc.RankerStub(channel)
+        calls = [
+            stub.Rank(ranker_pb2.RankRequest(query=queries[i % len(queries)], top_k=10), timeout=60) for i in range(n)
+        ]
+        return list(await asyncio.gather(*calls))
+
+
+async def _batch_sizes(url: str) -> dict[str, dict[int, int]]:
+    models = TritonModels(url)
+    try:
+        return {m: await models.batch_statistics(m) for m in ("text_encoder", "ranker")}
+    finally:
+        await models.close()
+
+
+def test_triton_batches_concurrent_rank_calls(ranker_target: str, triton: LocalTritonServer) -> None:
+    responses = asyncio.run(_concurrent_ranks(ranker_target, 64))
+    assert all(r.items and not r.degraded for r in responses)
+    sizes = asyncio.run(_batch_sizes(triton.grpc_url))
+    merged = [size for per_model in sizes.values() for size, count in per_model.items() if count > 0]
+    assert max(merged) > 1, sizes
+
+
+def test_rank_degrades_while_triton_is_down_and_recovers(
+    stub: ranker_pb2_grpc.RankerStub, triton: LocalTritonServer
+) -> None:
+    # Runs last in this module: it stops and restarts the shared tritonserver.
+    triton.stop()
+    try:
+        response = stub.Rank(ranker_pb2.RankRequest(query="drill", top_k=5), timeout=30)
+        assert response.degraded and "text_encoder unavailable" in response.degraded_reason
+        assert len(response.items) == 5
+    finally:
+        triton.start()
+    response = stub.Rank(ranker_pb2.RankRequest(query="drill", top_k=5), timeout=30)
+    assert not response.degraded and len(response.items) == 5
