@@ -63,6 +63,21 @@ async def _guarded(call: Awaitable[T], backend: str) -> T:
         raise translate(e, backend) from e
 
 
+# gRPC's default reconnect backoff grows to 120 s: after a Triton restart the service would stay
+# degraded for minutes. Capping it at 1 s brings it back within about a second of Triton's return.
+CHANNEL_ARGS = [
+    ("grpc.max_send_message_length", 2**31 - 1),
+    ("grpc.max_receive_message_length", 2**31 - 1),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
 class TritonModels:
     """One gRPC connection to a Triton server, shared by the encoder and scorer clients.
 
@@ -76,7 +91,7 @@ class TritonModels:
     @property
     def client(self) -> InferenceServerClient:
         if self._client is None:
-            self._client = InferenceServerClient(url=self.url)
+            self._client = InferenceServerClient(url=self.url, channel_args=CHANNEL_ARGS)
         return self._client
 
     async def ready(self, models: Iterable[str] = ()) -> bool:

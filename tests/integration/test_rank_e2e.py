@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -154,5 +155,11 @@ def test_rank_degrades_while_triton_is_down_and_recovers(
         assert len(response.items) == 5
     finally:
         triton.start()
-    response = stub.Rank(ranker_pb2.RankRequest(query="drill", top_k=5), timeout=30)
+    # The ranker reconnects by itself (reconnect backoff is capped at 1 s).
+    deadline = time.monotonic() + 10
+    while True:
+        response = stub.Rank(ranker_pb2.RankRequest(query="drill", top_k=5), timeout=30)
+        if not response.degraded or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert not response.degraded and len(response.items) == 5
