@@ -67,9 +67,13 @@ STATUS_CODES: dict[type[RankerError], grpc.StatusCode] = {
 }
 
 
-def status_code(error: RankerError) -> grpc.StatusCode:
-    """The gRPC status for an error: the entry of its most specific class in STATUS_CODES."""
-    for cls in type(error).__mro__:
-        if cls in STATUS_CODES:
-            return STATUS_CODES[cls]
+def status_for(cls: type[RankerError]) -> grpc.StatusCode:
+    """The gRPC status of an error class: the entry of its nearest ancestor in STATUS_CODES."""
+    for ancestor in cls.__mro__:
+        if ancestor in STATUS_CODES:
+            return STATUS_CODES[ancestor]
     return grpc.StatusCode.INTERNAL
+
+
+def status_code(error: RankerError) -> grpc.StatusCode:
+    return status_for(type(error))

@@ -82,9 +82,9 @@ class FakeTokenizer:
 
 
 def tiny_release() -> Release:
-    frame = pl.DataFrame(
-        ITEMS, schema=["item_id", "title", "category", "brand", "price"], orient="row"
-    ).with_columns(pl.col("price").cast(pl.Float64))
+    frame = pl.DataFrame(ITEMS, schema=["item_id", "title", "category", "brand", "price"], orient="row").with_columns(
+        pl.col("price").cast(pl.Float64)
+    )
     analyzer = Analyzer()
     catalog = Catalog.from_frame(frame, analyzer)
     embeddings = np.stack([embed(t) for t in catalog.titles])
@@ -101,4 +101,6 @@ def tiny_release() -> Release:
             "index": {"items": len(ITEMS)},
         }
     )
-    return Release(path=Path("/nonexistent"), manifest=manifest, catalog=catalog, retriever=retriever, analyzer=analyzer)
+    return Release(
+        path=Path("/nonexistent"), manifest=manifest, catalog=catalog, retriever=retriever, analyzer=analyzer
+    )

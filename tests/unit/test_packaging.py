@@ -26,9 +26,19 @@ def test_online_import_graph_has_no_torch() -> None:
 def test_generated_protobuf_code_is_up_to_date(tmp_path: Path) -> None:
     pytest.importorskip("grpc_tools")
     subprocess.run(
-        [sys.executable, "-m", "grpc_tools.protoc", "-I", "protos", f"--python_out={tmp_path}",
-         f"--grpc_python_out={tmp_path}", f"--pyi_out={tmp_path}", "protos/ranker/v1/ranker.proto"],
-        check=True, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            "-I",
+            "protos",
+            f"--python_out={tmp_path}",
+            f"--grpc_python_out={tmp_path}",
+            f"--pyi_out={tmp_path}",
+            "protos/ranker/v1/ranker.proto",
+        ],
+        check=True,
+        cwd=ROOT,
     )
     for name in ("ranker_pb2.py", "ranker_pb2_grpc.py", "ranker_pb2.pyi"):
         fresh = (tmp_path / "ranker" / "v1" / name).read_text()

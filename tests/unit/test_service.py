@@ -63,10 +63,16 @@ def test_candidates_alone_need_no_query() -> None:
 
 
 def test_every_error_class_has_a_status() -> None:
+    import ranker.tritonserver  # noqa: F401 - defines a subclass of BackendUnavailable
+
     def subclasses(cls: type) -> list[type]:
         return [cls, *[s for sub in cls.__subclasses__() for s in subclasses(sub)]]
 
+    assert set(errors.STATUS_CODES) == set(subclasses(errors.RankerError)) - {
+        c for c in subclasses(errors.RankerError) if c.__module__ != "ranker.errors"
+    }, "every class of errors.py has its own row"
     for cls in subclasses(errors.RankerError):
-        assert cls in errors.STATUS_CODES, cls
+        expected_internal = cls is errors.RankerError
+        assert (errors.status_for(cls) is grpc.StatusCode.INTERNAL) == expected_internal, cls
     assert errors.status_code(InvalidArgument("f", "m")) is grpc.StatusCode.INVALID_ARGUMENT
     assert errors.status_code(errors.BackendTimeout("t", "m")) is grpc.StatusCode.DEADLINE_EXCEEDED

@@ -1,0 +1,354 @@
+"""`python -m offline.export`: build a complete, checked release folder from a catalog (and judgments).
+
+Stages: load data -> analyse titles -> BM25 index -> export + check the ONNX encoder -> embed the
+catalog with that ONNX file -> FAISS index -> train (or fall back) and export the ranker -> Triton
+model repository -> items, manifest. Everything is written into a hidden sibling of --out and
+renamed into place at the very end, so a reader never sees a half-written release.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+
+from offline import data, encoder, train_ranker
+from offline.triton_repo import write_model_repository
+from ranker import release as layout
+from ranker.features import FEATURE_NAMES
+from ranker.models import OnnxEncoder
+from ranker.retrieval import Analyzer, DenseIndex, HybridRetriever, LexicalIndex
+
+MODEL_VERSION = 1
+THREADS = 2
+PARITY_TITLES = 40
+# DenseIndex.build's switch from exact search to HNSW, passed explicitly so the manifest can say which.
+HNSW_THRESHOLD = 20_000
+HNSW_M = 32
+EF_CONSTRUCTION = 80
+STAGING_PREFIX = ".staging-"
+RETIRED_PREFIX = ".retired-"
+
+
+class ExportError(RuntimeError):
+    """The release cannot be written (bad arguments, or --out exists without --force)."""
+
+
+class Stages:
+    """Times each stage and prints progress, so a long export says where it is."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        print(f"[{name}] ...", flush=True)
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - start, 2)
+        print(f"[{name}] done in {self.seconds[name]:.1f} s", flush=True)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m offline.export", description=__doc__)
+    parser.add_argument("--catalog", type=Path, required=True, help="items CSV/parquet (see offline.data)")
+    parser.add_argument("--out", type=Path, required=True, help="release folder to create")
+    parser.add_argument("--judgments", type=Path, help="query/item/relevance CSV; without it a fallback ranker")
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--seed", type=int, default=13, help="train/dev split and training seed")
+    parser.add_argument("--limit", type=int, help="use only the first N catalog rows (quick tests)")
+    return parser.parse_args(argv)
+
+
+def sha256_bytes(payload: bytes) -> str:
+    return hashlib.sha256(payload).hexdigest()
+
+
+def file_hashes(root: Path) -> dict[str, str]:
+    """sha256 of every file under root, by POSIX path relative to it, sorted."""
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    return {p.relative_to(root).as_posix(): layout.sha256_file(p) for p in files}
+
+
+def parity_sample(titles: Sequence[str], n: int = PARITY_TITLES) -> list[str]:
+    """Titles spread evenly over the catalog: real text of varied length, deterministically chosen."""
+    if len(titles) <= n:
+        return list(titles)
+    return [titles[int(i)] for i in np.linspace(0, len(titles) - 1, n)]
+
+
+def _jsonable(value: Any) -> Any:
+    """Numpy scalars to Python numbers, recursively (json.dumps refuses them)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+class Exporter:
+    """Builds one release into a staging folder; `run` returns the manifest it wrote."""
+
+    def __init__(self, args: argparse.Namespace, staging: Path) -> None:
+        self.args = args
+        self.staging = staging
+        self.scratch = staging / ".build"  # intermediate ONNX files, removed before hashing
+        self.stages = Stages()
+        self.manifest: dict[str, Any] = {"format": layout.FORMAT_VERSION}
+
+    def run(self) -> dict[str, Any]:
+        self.scratch.mkdir(parents=True)
+        items, judgments = self.load()
+        titles = items["title"].to_list()
+        with self.stages("analyse"):
+            tokens = Analyzer().analyze_many(titles)
+        with self.stages("lexical_index"):
+            lexical = LexicalIndex.build(tokens)
+            (self.staging / layout.LEXICAL_DIR).mkdir()
+            lexical.save(self.staging / layout.LEXICAL_DIR)
+        enc = self.export_encoder(titles)
+        dense = self.dense_index(enc, titles)
+        corpus = train_ranker.Corpus(
+            item_ids=items["item_id"].to_list(), tokens=tokens, retriever=HybridRetriever(dense, lexical)
+        )
+        ranker_onnx = self.ranker(corpus, enc, judgments)
+        with self.stages("triton_repository"):
+            onnx_files = {layout.ENCODER_MODEL: enc.onnx_file, layout.RANKER_MODEL: ranker_onnx}
+            write_model_repository(self.staging / layout.MODEL_REPOSITORY, onnx_files, version=MODEL_VERSION)
+            shutil.rmtree(self.scratch)
+        with self.stages("manifest"):
+            self.write_manifest(items)
+        return self.manifest
+
+    def load(self) -> tuple[pl.DataFrame, pl.DataFrame | None]:
+        args = self.args
+        with self.stages("load"):
+            items = data.load_catalog(args.catalog, limit=args.limit)
+            items.write_parquet(self.staging / layout.ITEMS)
+            info: dict[str, Any] = {
+                "catalog": str(args.catalog),
+                "catalog_sha256": layout.sha256_file(args.catalog),
+                "catalog_limit": args.limit,
+                "judgments": str(args.judgments) if args.judgments else None,
+                "judgments_sha256": layout.sha256_file(args.judgments) if args.judgments else None,
+            }
+            judgments = None
+            if args.judgments:
+                raw = data.load_judgments(args.judgments)
+                # Pairs whose item is not in the catalog (e.g. with --limit) can never be retrieved.
+                judgments = raw.filter(pl.col("item_id").is_in(items["item_id"].implode()))
+                info["judged_pairs"] = raw.height
+                info["judged_pairs_in_catalog"] = judgments.height
+            self.manifest["data"] = info
+        print(f"  {items.height} items" + (f", {judgments.height} judged pairs" if judgments is not None else ""))
+        return items, judgments
+
+    def export_encoder(self, titles: Sequence[str]) -> encoder.EncoderExport:
+        with self.stages("encoder_export"):
+            enc = encoder.export_encoder(
+                self.scratch / "text_encoder.onnx", self.staging / layout.TOKENIZER, parity_sample(titles)
+            )
+        print(f"  ONNX vs torch max abs diff {enc.parity_max_abs_diff:.2e}")
+        self.manifest.setdefault("models", {})[layout.ENCODER_MODEL] = {
+            "version": MODEL_VERSION,
+            "dim": encoder.DIM,
+            "max_query_tokens": encoder.MAX_QUERY_TOKENS,
+            "max_title_tokens": encoder.MAX_TITLE_TOKENS,
+            "base_model": encoder.BASE_MODEL,
+            "pooling": "mean, L2-normalised",
+            "opset": encoder.OPSET,
+            "parity_max_abs_diff": enc.parity_max_abs_diff,
+        }
+        return enc
+
+    def dense_index(self, enc: encoder.EncoderExport, titles: Sequence[str]) -> DenseIndex:
+        self.encoder_session = OnnxEncoder(enc.onnx_file, threads=THREADS)
+        with self.stages("embed_catalog"):
+            embeddings = encoder.embed_texts(
+                self.encoder_session,
+                enc.tokenizer_file,
+                titles,
+                max_tokens=encoder.MAX_TITLE_TOKENS,
+                desc="embed catalog",
+            )
+        with self.stages("dense_index"):
+            dense = DenseIndex.build(
+                embeddings, hnsw_threshold=HNSW_THRESHOLD, hnsw_m=HNSW_M, ef_construction=EF_CONSTRUCTION
+            )
+            dense.save(self.staging / layout.DENSE_INDEX, self.staging / layout.EMBEDDINGS)
+        hnsw = len(titles) >= HNSW_THRESHOLD
+        self.manifest["index"] = {
+            "items": len(titles),
+            "kind": "hnsw" if hnsw else "flat",
+            "metric": "inner_product",
+            "dim": encoder.DIM,
+            **({"hnsw_m": HNSW_M, "ef_construction": EF_CONSTRUCTION} if hnsw else {}),
+            "lexical": "bm25s over ranker.retrieval.Analyzer tokens of the title",
+        }
+        return dense
+
+    def ranker(self, corpus: train_ranker.Corpus, enc: encoder.EncoderExport, judgments: pl.DataFrame | None) -> Path:
+        check_rows = None
+        if judgments is None or judgments.height == 0:
+            result = train_ranker.fallback()
+            self.manifest["data"]["split"] = None
+            print("  no judgments: writing the fallback ranker (fixed linear combination, not trained)")
+        else:
+            split = data.split_queries(judgments, self.args.seed)
+            self.manifest["data"]["split"] = {
+                "seed": self.args.seed,
+                "method": f"sha256('<seed>:<normalised query>') < {data.DEV_FRACTION} of range -> dev",
+                "train_queries": split.train_queries,
+                "dev_queries": split.dev_queries,
+            }
+            judged = data.judgments_by_query(judgments)
+            with self.stages("candidates"):
+                train_lists = self._lists(split.train, judged, corpus, enc, "train candidates")
+                dev_lists = self._lists(split.dev, judged, corpus, enc, "dev candidates")
+            if any(c.labels.max(initial=0.0) > 0 for c in train_lists):
+                with self.stages("train_ranker"):
+                    result = train_ranker.train(train_lists, dev_lists, judged, seed=self.args.seed)
+            else:
+                # Tiny or --limit'ed data can leave nothing to learn from; say so rather than fail.
+                print("  warning: no training query has a relevant candidate; writing the fallback ranker")
+                result = train_ranker.fallback()
+                result.diagnostics["reason"] = "no training query had a judged relevant item among its candidates"
+            parity_lists = dev_lists or train_lists
+            check_rows = np.concatenate([c.features for c in parity_lists[:20]]) if parity_lists else None
+        with self.stages("ranker_export"):
+            onnx_file = self.scratch / "ranker.onnx"
+            parity = train_ranker.export_onnx(result.model, onnx_file, check_rows)
+        self.manifest["models"][layout.RANKER_MODEL] = {
+            "version": MODEL_VERSION,
+            "features": list(FEATURE_NAMES),
+            "kind": result.kind,
+            "dense_k": train_ranker.DENSE_K,
+            "lexical_k": train_ranker.LEXICAL_K,
+            "parity_max_abs_diff": parity,
+            **self._ranker_details(result),
+        }
+        self.manifest["metrics"] = result.diagnostics
+        return onnx_file
+
+    def _lists(
+        self,
+        pairs: pl.DataFrame,
+        judged: dict[str, dict[str, float]],
+        corpus: train_ranker.Corpus,
+        enc: encoder.EncoderExport,
+        desc: str,
+    ) -> list[train_ranker.CandidateList]:
+        queries = {q: judged[q] for q in pairs["query"].unique(maintain_order=True).to_list()}
+        return train_ranker.build_lists(queries, corpus, self.encoder_session, enc.tokenizer_file, desc=desc)
+
+    @staticmethod
+    def _ranker_details(result: train_ranker.TrainResult) -> dict[str, Any]:
+        if result.kind == "fallback-linear":
+            return {
+                "weights": train_ranker.FALLBACK_WEIGHTS,
+                "note": "no judgments were given: a fixed linear combination, not trained",
+            }
+        return {
+            "hidden": list(train_ranker.HIDDEN),
+            "loss": "ListNet (softmax cross-entropy against gain-proportional targets)",
+            "epochs": train_ranker.EPOCHS,
+            "learning_rate": train_ranker.LEARNING_RATE,
+            "label": "relevance - 1 for judged candidates, 0 for unjudged",
+        }
+
+    def write_manifest(self, items: pl.DataFrame) -> None:
+        files = file_hashes(self.staging)
+        now = datetime.now(UTC)
+        short = sha256_bytes(json.dumps(files, sort_keys=True).encode())[:8]
+        self.manifest.update(
+            release_id=f"{now:%Y%m%dT%H%M%SZ}-{short}",
+            created_at=now.isoformat(timespec="seconds"),
+            files=files,
+            timings_s=self.stages.seconds,
+        )
+        text = json.dumps(_jsonable(self.manifest), indent=2, sort_keys=False)
+        (self.staging / layout.MANIFEST).write_text(text + "\n")
+        layout.Manifest.from_json(json.loads(text))  # what the service will check, checked now
+
+
+def publish(staging: Path, out: Path, *, force: bool) -> None:
+    """Rename the finished release into place; with force the old one is moved aside, then deleted."""
+    if not out.exists():
+        os.rename(staging, out)
+        return
+    if not force:
+        raise ExportError(f"{out} exists; pass --force to replace it")
+    retired = Path(tempfile.mkdtemp(prefix=f"{RETIRED_PREFIX}{out.name}-", dir=out.parent))
+    os.rename(out, retired / out.name)
+    os.rename(staging, out)
+    shutil.rmtree(retired)
+
+
+def export(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
+    out = args.out.resolve()
+    if out.exists() and not args.force:
+        raise ExportError(f"{out} exists; pass --force to replace it")
+    if args.limit is not None and args.limit < 1:
+        raise ExportError(f"--limit must be >= 1, got {args.limit}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # A sibling of --out: same filesystem, so the final rename is atomic.
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{out.name}-", dir=out.parent))
+    try:
+        manifest = Exporter(args, staging).run()
+        publish(staging, out, force=args.force)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return out, manifest
+
+
+def summary(out: Path, manifest: dict[str, Any], total_s: float) -> str:
+    ranker = manifest["models"][layout.RANKER_MODEL]
+    lines = [
+        f"release {manifest['release_id']} written to {out}",
+        f"  items {manifest['index']['items']} ({manifest['index']['kind']} index), ranker {ranker['kind']}",
+        f"  encoder parity {manifest['models'][layout.ENCODER_MODEL]['parity_max_abs_diff']:.2e}, "
+        f"ranker parity {ranker['parity_max_abs_diff']:.2e}",
+    ]
+    dev = manifest["metrics"].get("dev")
+    if dev:
+        lines.append(f"  dev: {json.dumps({k: v for k, v in dev.items() if k.startswith('dev_')})}")
+        for name, values in manifest["metrics"]["dev_baselines"].items():
+            lines.append(f"  dev {name}: {json.dumps(values)}")
+    lines.append("  stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in manifest["timings_s"].items()))
+    lines.append(f"  total {total_s:.1f} s")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(THREADS)
+    start = time.perf_counter()
+    try:
+        out, manifest = export(args)
+    except (ExportError, data.DataError, encoder.ParityError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(summary(out, manifest, time.perf_counter() - start))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from a model hub
+    sys.exit(main())

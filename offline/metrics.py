@@ -1,0 +1,80 @@
+"""Ranking metrics as ../shared/data/README.md defines them: NDCG@k, Recall@k and MRR, pure Python/numpy.
+
+Conventions (the README's): gain = relevance − 1, so a 1 ("irrelevant") earns nothing, and an
+unjudged item counts as 0. The ideal DCG ranks ALL judged items of the query, not only those
+retrieved, so a system is not rewarded for retrieving few. An item is relevant when its
+relevance is ≥ 2; Recall@k divides by the number of relevant judged items. Systems are compared
+over queries with at least MIN_RELEVANT relevant judged items (`qualifies`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+RELEVANT = 2.0
+MIN_RELEVANT = 3
+
+
+def _discounts(n: int) -> np.ndarray:
+    return 1.0 / np.log2(np.arange(2, n + 2, dtype=np.float64))
+
+
+def dcg(gains: Sequence[float]) -> float:
+    values = np.asarray(gains, dtype=np.float64)
+    return float(np.sum(values * _discounts(len(values))))
+
+
+def ndcg_at_k(ranked: Sequence[str], judged: Mapping[str, float], k: int = 10) -> float:
+    """NDCG@k of a ranked list of item ids; 0 when the query has no judged item with gain > 0."""
+    ideal = sorted((max(r - 1.0, 0.0) for r in judged.values()), reverse=True)[:k]
+    ideal_dcg = dcg(ideal)
+    if ideal_dcg <= 0:
+        return 0.0
+    gains = [max(judged.get(item, 1.0) - 1.0, 0.0) for item in ranked[:k]]
+    return dcg(gains) / ideal_dcg
+
+
+def recall_at_k(ranked: Sequence[str], judged: Mapping[str, float], k: int = 100) -> float:
+    """Share of the query's relevant judged items found in the top k; 0 when it has none."""
+    relevant = {item for item, r in judged.items() if r >= RELEVANT}
+    if not relevant:
+        return 0.0
+    return len(relevant.intersection(ranked[:k])) / len(relevant)
+
+
+def reciprocal_rank(ranked: Sequence[str], judged: Mapping[str, float], k: int | None = None) -> float:
+    """1 / rank of the first relevant item (within the top k when given); 0 when none is found."""
+    for rank, item in enumerate(ranked[:k] if k is not None else ranked, start=1):
+        if judged.get(item, 0.0) >= RELEVANT:
+            return 1.0 / rank
+    return 0.0
+
+
+def qualifies(judged: Mapping[str, float], min_relevant: int = MIN_RELEVANT) -> bool:
+    """Whether a query counts in the README's comparison (≥ min_relevant relevant judged items)."""
+    return sum(1 for r in judged.values() if r >= RELEVANT) >= min_relevant
+
+
+def evaluate(
+    runs: Mapping[str, Sequence[str]],
+    judgments: Mapping[str, Mapping[str, float]],
+    *,
+    ndcg_k: int = 10,
+    recall_k: int = 100,
+    min_relevant: int = MIN_RELEVANT,
+) -> dict[str, float]:
+    """Mean metrics over the queries of `runs` that qualify; a missing run counts as an empty list."""
+    queries = [q for q, judged in judgments.items() if qualifies(judged, min_relevant)]
+    if not queries:
+        return {"queries": 0, f"ndcg@{ndcg_k}": 0.0, f"recall@{recall_k}": 0.0, "mrr": 0.0}
+    ndcg = [ndcg_at_k(runs.get(q, []), judgments[q], ndcg_k) for q in queries]
+    recall = [recall_at_k(runs.get(q, []), judgments[q], recall_k) for q in queries]
+    mrr = [reciprocal_rank(runs.get(q, []), judgments[q]) for q in queries]
+    return {
+        "queries": len(queries),
+        f"ndcg@{ndcg_k}": float(np.mean(ndcg)),
+        f"recall@{recall_k}": float(np.mean(recall)),
+        "mrr": float(np.mean(mrr)),
+    }
