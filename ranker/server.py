@@ -15,6 +15,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from ranker.config import Settings
+from ranker.domain import RankQuery
 from ranker.errors import BackendUnavailable
 from ranker.models import QueryTokenizer
 from ranker.pipeline import PipelineSettings, Ranker
@@ -97,6 +98,15 @@ def build_ranker(release: Release, models: TritonModels, settings: Settings) -> 
     )
 
 
+async def warm_up(ranker: Ranker, rounds: int = 3) -> None:
+    """Run a few Rank calls before reporting SERVING: first inferences pay for lazy initialisation."""
+    sample = " ".join(ranker.release.catalog.titles[0].split()[:3]) or "warm up"
+    for i in range(rounds):
+        result = await ranker.rank(RankQuery(request_id=f"warm-up-{i}", query=sample, top_k=10), timeout=30.0)
+    if result.degraded:
+        log.warning("warm-up answered degraded: %s", result.degraded_reason)
+
+
 async def serve(settings: Settings, *, ready: Callable[[int], None] | None = None) -> None:
     """Load the release, connect to Triton, serve until SIGTERM/SIGINT, then drain and stop."""
     if settings.release is None:
@@ -115,6 +125,7 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
                 # Serve anyway: Rank degrades to lexical retrieval until Triton is back.
                 log.warning("starting without Triton: %s", e)
             ranker = build_ranker(release, models, settings)
+            await warm_up(ranker)
             running = await start_server(settings, lambda: ranker)
             log.info(
                 "ranker.v1.Ranker serving on %s:%d (release %s, triton %s)",
