@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm import tqdm
 
 from offline import metrics
@@ -27,6 +28,29 @@ from ranker.pipeline import PipelineSettings, Ranker
 from ranker.release import ENCODER_MODEL, MODEL_REPOSITORY, RANKER_MODEL, TOKENIZER, Release
 
 DEPTH = 100  # Recall@100 needs the top 100
+
+# Ablation stages: blend-weight overrides over the same pipeline and candidates. Each retriever's
+# own top 400 is among the candidates, so its top 100 here equals whole-corpus retrieval.
+STAGES: dict[str, dict[str, float]] = {
+    "bm25": {"ranker": 0.0, "lexical": 1.0},
+    "dense": {"ranker": 0.0, "dense": 1.0},
+    "hybrid_rrf": {"ranker": 0.0, "retrieval": 1.0},
+    "hybrid_ranker": {},
+}
+
+
+class CachingEncoder:
+    """Encoder wrapper for evaluation: each query is encoded once however many stages rank it."""
+
+    def __init__(self, inner: OnnxEncoder) -> None:
+        self._inner = inner
+        self._cache: dict[bytes, np.ndarray] = {}
+
+    async def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray, *, timeout: float | None) -> np.ndarray:
+        key = input_ids.tobytes() + attention_mask.tobytes()
+        if key not in self._cache:
+            self._cache[key] = await self._inner.encode(input_ids, attention_mask, timeout=timeout)
+        return self._cache[key]
 
 
 def local_ranker(release: Release, *, dense_k: int | None = None, lexical_k: int | None = None) -> Ranker:
@@ -39,7 +63,7 @@ def local_ranker(release: Release, *, dense_k: int | None = None, lexical_k: int
 
     return Ranker(
         release,
-        encoder=OnnxEncoder(onnx(ENCODER_MODEL, manifest.encoder.version)),
+        encoder=CachingEncoder(OnnxEncoder(onnx(ENCODER_MODEL, manifest.encoder.version))),
         scorer=OnnxScorer(onnx(RANKER_MODEL, manifest.ranker.version)),
         tokenizer=QueryTokenizer(release.path / TOKENIZER, manifest.max_query_tokens),
         settings=PipelineSettings(
@@ -79,24 +103,106 @@ def check_products(release: Release, products: Path) -> None:
         )
 
 
+def score_runs(runs: Mapping[str, Sequence[str]], judged: Mapping[str, Mapping[str, float]]) -> dict[str, Any]:
+    """Mean metrics with bootstrap 95% confidence intervals (queries resampled)."""
+    values = metrics.per_query(runs, judged)
+    result: dict[str, Any] = {"queries": len(values["mrr"])}
+    for name, per_query in values.items():
+        result[name] = float(per_query.mean()) if len(per_query) else 0.0
+    result["ci95"] = {name: list(metrics.bootstrap_ci(v)) for name, v in values.items()}
+    return result
+
+
+def _encoder_label(release: Release) -> str:
+    return "fine-tuned" if release.manifest.encoder.extra.get("finetuned") else "pretrained"
+
+
+def ablation(
+    release: Release,
+    ranker: Ranker,
+    queries: Sequence[str],
+    judged: Mapping[str, Mapping[str, float]],
+    *,
+    baseline: Release | None,
+    quiet: bool,
+) -> list[dict[str, Any]]:
+    rows = []
+    if baseline is not None:
+        base_ranker = local_ranker(baseline)
+        runs = asyncio.run(run_queries(base_ranker, queries, weights=STAGES["dense"], progress=not quiet))
+        label = f"dense ({_encoder_label(baseline)}, {baseline.manifest.release_id})"
+        rows.append({"stage": label, **score_runs(runs, judged)})
+    for stage, weights in STAGES.items():
+        runs = asyncio.run(run_queries(ranker, queries, weights=weights, progress=not quiet))
+        label = f"dense ({_encoder_label(release)})" if stage == "dense" else stage
+        rows.append({"stage": label, **score_runs(runs, judged)})
+    return rows
+
+
+def plot_stages(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [str(r["stage"]) for r in rows]
+    values = [float(r["ndcg@10"]) for r in rows]
+    low = [v - float(r["ci95"]["ndcg@10"][0]) for v, r in zip(values, rows, strict=True)]
+    high = [float(r["ci95"]["ndcg@10"][1]) - v for v, r in zip(values, rows, strict=True)]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    bars = ax.barh(labels[::-1], values[::-1], xerr=[low[::-1], high[::-1]], color="#4c72b0", capsize=4)
+    ax.bar_label(bars, labels=[f"{v:.3f}" for v in values[::-1]], padding=14)
+    ax.set_xlabel("NDCG@10 (bootstrap 95% CI)")
+    ax.set_xlim(0, max(values) * 1.25)
+    ax.set_title(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     release = Release.load(args.release)
     check_products(release, args.products)
     seed = int(release.manifest.raw.get("data", {}).get("split", {}).get("seed", args.seed))
     judged = select_queries(args.judgments, args.split, seed)
     queries = list(judged)[: args.limit] if args.limit else list(judged)
+    judged = {q: judged[q] for q in queries}
     ranker = local_ranker(release)
     start = time.perf_counter()
     runs = asyncio.run(run_queries(ranker, queries, progress=not args.quiet))
     elapsed = time.perf_counter() - start
-    scores = metrics.evaluate(runs, {q: judged[q] for q in queries})
-    return {
+    result: dict[str, Any] = {
         "release_id": release.manifest.release_id,
         "split": args.split,
         "seed": seed,
-        **scores,
+        **score_runs(runs, judged),
         "ms_per_query": 1000.0 * elapsed / max(1, len(queries)),
     }
+    if args.ablation or args.plot:
+        baseline = Release.load(args.baseline) if args.baseline else None
+        if baseline is not None:
+            check_products(baseline, args.products)
+        result["ablation"] = ablation(release, ranker, queries, judged, baseline=baseline, quiet=args.quiet)
+        if args.plot:
+            title = (
+                f"Home Depot {args.split} split, {result['queries']} queries"
+                if "homedepot" in str(args.products)
+                else f"{args.split} split, {result['queries']} queries"
+            )
+            plot_stages(result["ablation"], args.plot, title)
+    return result
+
+
+def print_table(result: Mapping[str, Any]) -> None:
+    rows = result.get("ablation") or [{"stage": "hybrid_ranker", **result}]
+    print(f"release {result['release_id']}, split {result['split']}, {result['queries']} queries")
+    print(f"{'stage':<44} {'NDCG@10':>22} {'Recall@100':>22} {'MRR':>22}")
+    for row in rows:
+        cells = [
+            f"{row[m]:.3f} [{row['ci95'][m][0]:.3f}, {row['ci95'][m][1]:.3f}]" for m in ("ndcg@10", "recall@100", "mrr")
+        ]
+        print(f"{row['stage']:<44} " + " ".join(f"{c:>22}" for c in cells))
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -112,6 +218,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=13, help="split seed when the manifest records none")
     parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N qualifying queries")
+    parser.add_argument("--ablation", action="store_true", help="also score BM25, dense, RRF and ranker stages")
+    parser.add_argument("--baseline", type=Path, help="with --ablation: a release whose dense stage is a row too")
+    parser.add_argument("--plot", type=Path, help="write a PNG of NDCG@10 per stage (implies --ablation)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
@@ -123,8 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        for key, value in result.items():
-            print(f"{key:>14}: {value:.4f}" if isinstance(value, float) else f"{key:>14}: {value}")
+        print_table(result)
     return 0
 
 

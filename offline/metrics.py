@@ -57,6 +57,23 @@ def qualifies(judged: Mapping[str, float], min_relevant: int = MIN_RELEVANT) -> 
     return sum(1 for r in judged.values() if r >= RELEVANT) >= min_relevant
 
 
+def per_query(
+    runs: Mapping[str, Sequence[str]],
+    judgments: Mapping[str, Mapping[str, float]],
+    *,
+    ndcg_k: int = 10,
+    recall_k: int = 100,
+    min_relevant: int = MIN_RELEVANT,
+) -> dict[str, np.ndarray]:
+    """Each metric for each qualifying query (in judgments order); a missing run is an empty list."""
+    queries = [q for q, judged in judgments.items() if qualifies(judged, min_relevant)]
+    return {
+        f"ndcg@{ndcg_k}": np.array([ndcg_at_k(runs.get(q, []), judgments[q], ndcg_k) for q in queries]),
+        f"recall@{recall_k}": np.array([recall_at_k(runs.get(q, []), judgments[q], recall_k) for q in queries]),
+        "mrr": np.array([reciprocal_rank(runs.get(q, []), judgments[q]) for q in queries]),
+    }
+
+
 def evaluate(
     runs: Mapping[str, Sequence[str]],
     judgments: Mapping[str, Mapping[str, float]],
@@ -66,15 +83,20 @@ def evaluate(
     min_relevant: int = MIN_RELEVANT,
 ) -> dict[str, float]:
     """Mean metrics over the queries of `runs` that qualify; a missing run counts as an empty list."""
-    queries = [q for q, judged in judgments.items() if qualifies(judged, min_relevant)]
-    if not queries:
-        return {"queries": 0, f"ndcg@{ndcg_k}": 0.0, f"recall@{recall_k}": 0.0, "mrr": 0.0}
-    ndcg = [ndcg_at_k(runs.get(q, []), judgments[q], ndcg_k) for q in queries]
-    recall = [recall_at_k(runs.get(q, []), judgments[q], recall_k) for q in queries]
-    mrr = [reciprocal_rank(runs.get(q, []), judgments[q]) for q in queries]
-    return {
-        "queries": len(queries),
-        f"ndcg@{ndcg_k}": float(np.mean(ndcg)),
-        f"recall@{recall_k}": float(np.mean(recall)),
-        "mrr": float(np.mean(mrr)),
-    }
+    values = per_query(runs, judgments, ndcg_k=ndcg_k, recall_k=recall_k, min_relevant=min_relevant)
+    count = len(next(iter(values.values())))
+    return {"queries": count, **{name: float(v.mean()) if count else 0.0 for name, v in values.items()}}
+
+
+def bootstrap_ci(
+    values: np.ndarray, *, samples: int = 1000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of the mean, resampling queries with replacement."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) == 0:
+        return (0.0, 0.0)
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(samples, len(values)))].mean(axis=1)
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(means, [tail, 1.0 - tail])
+    return (float(low), float(high))

@@ -32,14 +32,15 @@ class SignalPolicy:
 
 
 # The service's default policy. "ranker" is the learned model's score; "dense" and "lexical" are the
-# retrieval signals, off by default and available to per-request overrides; "retrieval" (reciprocal
-# rank fusion) orders candidates when the ranker cannot run.
+# retrieval scores and "retrieval" their reciprocal-rank fusion, off by default and available to
+# per-request overrides. When the ranker cannot run, its weight moves to "retrieval" (see
+# without_ranker), so a degraded response is still ordered.
 DEFAULT_POLICY: Mapping[str, SignalPolicy] = MappingProxyType(
     {
         "ranker": SignalPolicy(weight=1.0, normalization=Normalization.IDENTITY),
         "dense": SignalPolicy(weight=0.0, normalization=Normalization.MINMAX),
         "lexical": SignalPolicy(weight=0.0, normalization=Normalization.MINMAX),
-        "retrieval": SignalPolicy(weight=1.0, normalization=Normalization.MINMAX),
+        "retrieval": SignalPolicy(weight=0.0, normalization=Normalization.MINMAX),
     }
 )
 
@@ -72,6 +73,15 @@ def apply_overrides(
         if not math.isfinite(weight) or not 0.0 <= weight <= max_weight:
             raise InvalidArgument(field, f"weight must be a finite number in 0..{max_weight:g}, got {weight!r}")
         result[name] = SignalPolicy(weight=weight, normalization=policy[name].normalization)
+    return result
+
+
+def without_ranker(policy: Mapping[str, SignalPolicy]) -> dict[str, SignalPolicy]:
+    """The policy for a response without ranker scores: the ranker's weight is added to "retrieval"."""
+    result = dict(policy)
+    moved = result.pop("ranker").weight
+    fusion = result["retrieval"]
+    result["retrieval"] = SignalPolicy(weight=fusion.weight + moved, normalization=fusion.normalization)
     return result
 
 

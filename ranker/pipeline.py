@@ -87,10 +87,11 @@ class Ranker:
         with watch.stage("score"):
             scores = await self._score(rows, embedding is not None, timeout, degraded)
         with watch.stage("blend"):
-            if scores is not None:
-                signals = {"ranker": scores, "dense": candidates.dense, "lexical": candidates.bm25}
+            signals = {"dense": candidates.dense, "lexical": candidates.bm25, "retrieval": candidates.fused()}
+            if scores is None:
+                policy = blending.without_ranker(policy)
             else:
-                signals = {"retrieval": candidates.fused(), "dense": candidates.dense, "lexical": candidates.bm25}
+                signals["ranker"] = scores
             blend = blending.blend(signals, policy)
         with watch.stage("diversify"):
             items = self._select(query, candidates, blend)

@@ -152,13 +152,17 @@ def union_rows(*ranked: np.ndarray) -> np.ndarray:
 
 def reciprocal_rank_fusion(rows: np.ndarray, ranked_lists: Sequence[np.ndarray], k: float = 60.0) -> np.ndarray:
     """RRF score of each of `rows` over the ranked lists (a row absent from a list gets nothing from it)."""
+    rows = np.asarray(rows, dtype=np.int64)
     fused = np.zeros(len(rows), dtype=np.float64)
-    position = {int(r): i for i, r in enumerate(rows)}
+    if len(rows) == 0:
+        return fused
+    order = np.argsort(rows, kind="stable")
+    sorted_rows = rows[order]
     for ranked in ranked_lists:
-        for rank, row in enumerate(ranked):
-            i = position.get(int(row))
-            if i is not None:
-                fused[i] += 1.0 / (k + rank + 1)
+        ranked = np.asarray(ranked, dtype=np.int64)
+        at = np.clip(np.searchsorted(sorted_rows, ranked), 0, len(rows) - 1)
+        hit = sorted_rows[at] == ranked
+        np.add.at(fused, order[at[hit]], 1.0 / (k + np.flatnonzero(hit) + 1))
     return fused
 
 

@@ -33,13 +33,21 @@ def evaluate(release: Path, *extra: str) -> dict[str, object]:
     return json.loads(done.stdout)
 
 
-def test_evaluate_prints_the_metrics(example_release: Path) -> None:
-    result = evaluate(example_release, "--split", "all")
-    assert {"ndcg@10", "recall@100", "mrr", "queries", "release_id", "split"} <= set(result)
+def test_evaluate_prints_metrics_intervals_and_the_ablation(example_release: Path, tmp_path: Path) -> None:
+    plot = tmp_path / "stages.png"
+    result = evaluate(example_release, "--split", "all", "--plot", str(plot))
+    assert {"ndcg@10", "recall@100", "mrr", "queries", "release_id", "split", "ci95"} <= set(result)
     assert result["queries"] > 50
     # The example judgments are clean: a working pipeline ranks them far above chance.
     assert float(result["ndcg@10"]) > 0.6  # type: ignore[arg-type]
     assert float(result["recall@100"]) > 0.9  # type: ignore[arg-type]
+    low, high = result["ci95"]["ndcg@10"]  # type: ignore[index]
+    assert low <= result["ndcg@10"] <= high
+    stages = {row["stage"]: row for row in result["ablation"]}  # type: ignore[attr-defined]
+    assert list(stages) == ["bm25", "dense (pretrained)", "hybrid_rrf", "hybrid_ranker"]
+    # The full-pipeline stage is the default path, so it reproduces the headline numbers.
+    assert stages["hybrid_ranker"]["ndcg@10"] == result["ndcg@10"]
+    assert plot.stat().st_size > 10_000 and plot.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_dev_split_is_a_subset(example_release: Path) -> None:

@@ -7,7 +7,15 @@ import math
 import numpy as np
 import pytest
 
-from ranker.blending import DEFAULT_POLICY, Normalization, SignalPolicy, apply_overrides, blend, normalize
+from ranker.blending import (
+    DEFAULT_POLICY,
+    Normalization,
+    SignalPolicy,
+    apply_overrides,
+    blend,
+    normalize,
+    without_ranker,
+)
 from ranker.errors import InvalidArgument
 
 
@@ -48,3 +56,11 @@ def test_override_keeps_normalisation() -> None:
     policy = apply_overrides(DEFAULT_POLICY, {"dense": 0.3}, max_weight=10.0)
     assert policy["dense"].weight == 0.3
     assert policy["dense"].normalization is DEFAULT_POLICY["dense"].normalization
+
+
+def test_without_ranker_moves_its_weight_to_the_fusion() -> None:
+    policy = apply_overrides(DEFAULT_POLICY, {"ranker": 2.0, "retrieval": 0.5}, max_weight=10.0)
+    fallback = without_ranker(policy)
+    assert "ranker" not in fallback
+    assert fallback["retrieval"].weight == 2.5
+    assert fallback["dense"] == policy["dense"]

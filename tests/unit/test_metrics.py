@@ -59,3 +59,26 @@ def test_evaluate_averages_over_qualifying_queries_only() -> None:
     runs = {"q1": ["a", "d", "b"], "q2": ["a"]}  # q3 has no run: an empty list
     result = metrics.evaluate(runs, judgments, ndcg_k=10, recall_k=100)
     assert result == pytest.approx({"queries": 2, "ndcg@10": 0.5, "recall@100": 0.5, "mrr": 0.5})
+
+
+def test_bootstrap_ci_brackets_the_mean_and_is_seeded() -> None:
+    import numpy as np
+
+    from offline.metrics import bootstrap_ci
+
+    values = np.random.default_rng(1).uniform(size=500)
+    low, high = bootstrap_ci(values)
+    assert low < values.mean() < high
+    assert (low, high) == bootstrap_ci(values)
+    narrow = bootstrap_ci(np.tile(values, 10))
+    assert narrow[1] - narrow[0] < high - low
+    assert bootstrap_ci(np.full(20, 0.4)) == (pytest.approx(0.4), pytest.approx(0.4))
+
+
+def test_per_query_lists_qualifying_queries_only() -> None:
+    from offline.metrics import per_query
+
+    judged = {"q1": {"a": 3.0, "b": 2.0, "c": 2.5}, "q2": {"a": 1.0}}
+    values = per_query({"q1": ["a", "b", "c"]}, judged)
+    assert {k: len(v) for k, v in values.items()} == {"ndcg@10": 1, "recall@100": 1, "mrr": 1}
+    assert values["recall@100"][0] == 1.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from ranker.retrieval import Analyzer, DenseIndex, LexicalIndex, reciprocal_rank_fusion, top_rows, union_rows
 
@@ -58,3 +59,15 @@ def test_union_and_rrf() -> None:
     assert rows.tolist() == [5, 3, 9]
     fused = reciprocal_rank_fusion(rows, [np.array([5, 3]), np.array([3, 9])])
     assert fused[1] > fused[0] > fused[2]
+
+
+def test_rrf_matches_its_definition() -> None:
+    rng = np.random.default_rng(3)
+    rows = rng.permutation(200)[:80]
+    lists = [rng.permutation(200)[:50], rng.permutation(200)[:30]]
+    expected = np.zeros(len(rows))
+    for ranked in lists:
+        for rank, row in enumerate(ranked):
+            expected[rows == row] += 1.0 / (60 + rank + 1)
+    assert reciprocal_rank_fusion(rows, lists) == pytest.approx(expected)
+    assert reciprocal_rank_fusion(np.zeros(0, dtype=np.int64), lists).shape == (0,)
