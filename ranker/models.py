@@ -36,16 +36,17 @@ class Scorer(Protocol):
 
 
 class QueryTokenizer:
-    """WordPiece ids padded (or truncated) to a fixed length.
+    """WordPiece ids truncated to max_tokens and padded to the next multiple of `bucket`.
 
-    A fixed length gives every query request the same tensor shape, which is what lets Triton's
-    dynamic batcher merge concurrent requests.
+    Bucketed lengths (8, 16, 24, 32 tokens) keep short queries cheap to encode while giving
+    concurrent requests few distinct shapes, which is what Triton's dynamic batcher merges (the CPU
+    model also accepts ragged lengths and pads them itself).
     """
 
-    def __init__(self, tokenizer_file: Path, max_tokens: int) -> None:
+    def __init__(self, tokenizer_file: Path, max_tokens: int, *, bucket: int = 8) -> None:
         self._tok = Tokenizer.from_file(str(tokenizer_file))
         self._tok.enable_truncation(max_length=max_tokens)
-        self._tok.enable_padding(length=max_tokens, pad_id=0)
+        self._tok.enable_padding(pad_id=0, pad_to_multiple_of=bucket)
         self.max_tokens = max_tokens
 
     def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:

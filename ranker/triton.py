@@ -160,6 +160,16 @@ class TritonModels:
             "executions": int(stats.execution_count),
         }
 
+    async def time_per_request_ms(self, model: str, version: str = "") -> dict[str, float]:
+        """Triton's own cumulative timings divided by successful requests: queue, model compute, total."""
+        stats = (await self._statistics(model, version)).inference_stats
+        count = max(1, int(stats.success.count))
+        return {
+            "queue_ms": stats.queue.ns / count / 1e6,
+            "compute_ms": (stats.compute_input.ns + stats.compute_infer.ns + stats.compute_output.ns) / count / 1e6,
+            "total_ms": stats.success.ns / count / 1e6,
+        }
+
     async def close(self) -> None:
         if self._client is not None:
             client, self._client = self._client, None
