@@ -144,6 +144,18 @@ def test_triton_batches_concurrent_rank_calls(ranker_target: str, triton: LocalT
     assert max(merged) > 1, sizes
 
 
+def test_served_top_10_equals_the_offline_evaluation(stub: ranker_pb2_grpc.RankerStub, example_release: Path) -> None:
+    """offline.evaluate ranks in-process with ONNX Runtime; the server ranks on Triton: same top 10."""
+    from offline.evaluate import local_ranker, run_queries
+    from ranker.release import Release
+
+    queries = list(judged_queries(n=12))
+    offline_runs = asyncio.run(run_queries(local_ranker(Release.load(example_release)), queries, progress=False))
+    for query in queries:
+        served = stub.Rank(ranker_pb2.RankRequest(query=query, top_k=10), timeout=30)
+        assert [item.item_id for item in served.items] == offline_runs[query][:10], query
+
+
 def test_rank_degrades_while_triton_is_down_and_recovers(
     stub: ranker_pb2_grpc.RankerStub, triton: LocalTritonServer
 ) -> None:
