@@ -34,9 +34,15 @@ from pathlib import Path
 
 import polars as pl
 
-from ranker.release import ITEM_SCHEMA
+from ranker.release import ITEM_SCHEMA, NUMERIC_ATTRIBUTES
 
 DEV_FRACTION = 0.2
+_BOOLEANS = {"true": True, "1": True, "yes": True, "y": True, "false": False, "0": False, "no": False, "n": False}
+_EXPECTED = {
+    **{c: "a number" for c in NUMERIC_ATTRIBUTES},
+    "in_stock": "true/false, 1/0 or yes/no",
+    "created_at": "a YYYY-MM-DD date",
+}
 
 _CATALOG_ALIASES = {"product_uid": "item_id", "product_title": "title"}
 _JUDGMENT_ALIASES = {"search_term": "query", "product_uid": "item_id"}
@@ -82,28 +88,30 @@ def load_catalog(path: Path, *, limit: int | None = None) -> pl.DataFrame:
     _require(frame, ["item_id", "title"], path, _CATALOG_ALIASES)
     if limit is not None:
         frame = frame.head(limit)
-    for column in ("category", "brand", "price"):
+    for column in ITEM_SCHEMA:
         if column not in frame.columns:
             frame = frame.with_columns(pl.lit(None, dtype=pl.Utf8).alias(column))
     frame = frame.with_columns(
-        pl.col("item_id").str.strip_chars(),
-        pl.col("title").str.strip_chars(),
-        pl.col("category").str.strip_chars().replace("", None),
-        pl.col("brand").str.strip_chars().replace("", None),
-        pl.col("price").str.strip_chars().replace("", None),
-    )
+        pl.col(c).str.strip_chars().replace("", None) for c in ITEM_SCHEMA if c not in ("item_id", "title")
+    ).with_columns(pl.col("item_id").str.strip_chars(), pl.col("title").str.strip_chars())
     empty_ids = frame.filter(pl.col("item_id").is_null() | (pl.col("item_id") == "")).height
     if empty_ids:
         raise DataError(f"{path}: {empty_ids} row(s) have an empty item_id")
     empty_titles = frame.filter(pl.col("title").is_null() | (pl.col("title") == "")).height
     if empty_titles:
         raise DataError(f"{path}: {empty_titles} row(s) have an empty title")
-    bad_prices = frame.filter(
-        pl.col("price").is_not_null() & pl.col("price").cast(pl.Float64, strict=False).is_null()
-    ).height
-    if bad_prices:
-        raise DataError(f"{path}: {bad_prices} row(s) have a price that is not a number")
-    frame = frame.with_columns(pl.col("price").cast(pl.Float64))
+    parsed = {
+        **{c: pl.col(c).cast(pl.Float64, strict=False) for c in NUMERIC_ATTRIBUTES},
+        "in_stock": pl.col("in_stock")
+        .str.to_lowercase()
+        .replace_strict(_BOOLEANS, default=None, return_dtype=pl.Boolean),
+        "created_at": pl.col("created_at").str.slice(0, 10).str.to_date("%Y-%m-%d", strict=False),
+    }
+    for column, expression in parsed.items():
+        bad = frame.filter(pl.col(column).is_not_null() & expression.is_null()).height
+        if bad:
+            raise DataError(f"{path}: {bad} row(s) have a {column} that is not {_EXPECTED[column]}")
+    frame = frame.with_columns(expression.alias(column) for column, expression in parsed.items())
     frame = frame.unique(subset="item_id", keep="first", maintain_order=True)
     return frame.select([pl.col(name).cast(dtype) for name, dtype in ITEM_SCHEMA.items()])
 

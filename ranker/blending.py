@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 
 import numpy as np
@@ -29,6 +29,13 @@ class Normalization(enum.Enum):
 class SignalPolicy:
     weight: float
     normalization: Normalization
+    higher_is_better: bool = True  # price: False, so the cheapest item gets the highest value
+    missing: float | None = None  # value for items without it (NaN); None: the lowest value present
+
+
+# Signals the pipeline computes per request, and signals read from catalog columns.
+COMPUTED_SIGNALS = ("ranker", "dense", "lexical", "retrieval")
+CATALOG_SIGNALS = ("popularity", "rating", "price", "margin", "boost", "freshness")
 
 
 # The service's default policy. "ranker" is the learned model's score; "dense" and "lexical" are the
@@ -41,8 +48,29 @@ DEFAULT_POLICY: Mapping[str, SignalPolicy] = MappingProxyType(
         "dense": SignalPolicy(weight=0.0, normalization=Normalization.MINMAX),
         "lexical": SignalPolicy(weight=0.0, normalization=Normalization.MINMAX),
         "retrieval": SignalPolicy(weight=0.0, normalization=Normalization.MINMAX),
+        "popularity": SignalPolicy(weight=0.0, normalization=Normalization.RANK),
+        "rating": SignalPolicy(weight=0.0, normalization=Normalization.MINMAX),
+        "price": SignalPolicy(weight=0.0, normalization=Normalization.MINMAX, higher_is_better=False),
+        "margin": SignalPolicy(weight=0.0, normalization=Normalization.MINMAX),
+        "boost": SignalPolicy(weight=0.0, normalization=Normalization.IDENTITY, missing=0.0),
+        "freshness": SignalPolicy(weight=0.0, normalization=Normalization.MINMAX),
     }
 )
+
+
+def prepare(values: np.ndarray, spec: SignalPolicy) -> np.ndarray:
+    """Raw values oriented so higher is better, with missing values (NaN) filled."""
+    x = np.asarray(values, dtype=np.float64)
+    if not spec.higher_is_better:
+        x = -x
+    missing = np.isnan(x)
+    if missing.any():
+        if spec.missing is not None:
+            fill = spec.missing if spec.higher_is_better else -spec.missing
+        else:
+            fill = float(np.nanmin(x)) if not missing.all() else 0.0
+        x = np.where(missing, fill, x)
+    return x
 
 
 def normalize(values: np.ndarray, how: Normalization) -> np.ndarray:
@@ -72,7 +100,7 @@ def apply_overrides(
             raise InvalidArgument(field, f"unknown signal; known signals are {sorted(policy)}")
         if not math.isfinite(weight) or not 0.0 <= weight <= max_weight:
             raise InvalidArgument(field, f"weight must be a finite number in 0..{max_weight:g}, got {weight!r}")
-        result[name] = SignalPolicy(weight=weight, normalization=policy[name].normalization)
+        result[name] = replace(policy[name], weight=weight)
     return result
 
 
@@ -81,7 +109,7 @@ def without_ranker(policy: Mapping[str, SignalPolicy]) -> dict[str, SignalPolicy
     result = dict(policy)
     moved = result.pop("ranker").weight
     fusion = result["retrieval"]
-    result["retrieval"] = SignalPolicy(weight=fusion.weight + moved, normalization=fusion.normalization)
+    result["retrieval"] = replace(fusion, weight=fusion.weight + moved)
     return result
 
 
@@ -106,7 +134,9 @@ def blend(signals: Mapping[str, np.ndarray], policy: Mapping[str, SignalPolicy])
     if not names:
         raise ValueError("no signal to blend")
     raw = np.stack([np.asarray(signals[name], dtype=np.float64) for name in names])
-    normalized = np.stack([normalize(raw[i], policy[name].normalization) for i, name in enumerate(names)])
+    normalized = np.stack(
+        [normalize(prepare(raw[i], policy[name]), policy[name].normalization) for i, name in enumerate(names)]
+    )
     weights = np.array([policy[name].weight for name in names], dtype=np.float64)
     final = (normalized * weights[:, None]).sum(axis=0)
     return Blend(final=final, names=names, raw=raw, normalized=normalized, weights=weights)

@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     max_query_chars: int = Field(default=1000, ge=1)
     max_candidate_ids: int = Field(default=1000, ge=1, le=8192)
     max_receive_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
-    max_weight: float = Field(default=10.0, gt=0, description="upper bound of a per-request blend weight")
+    policy_file: Path | None = Field(default=None, description="ranking policy TOML replacing the release's")
     max_concurrent_rpcs: int = Field(default=256, ge=1, description="beyond this, RPCs are refused")
 
     log_level: str = Field(default="INFO")

@@ -21,6 +21,28 @@ class DiversitySpec:
     max_per_brand: int = 0
 
 
+class RuleAction(enum.Enum):
+    PIN = "pin"
+    EXCLUDE = "exclude"
+    BOOST = "boost"
+    BURY = "bury"
+
+
+RULE_FIELDS = ("category", "brand")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Rule:
+    """A business rule; matches items by id, or by an attribute (field in RULE_FIELDS) and values."""
+
+    action: RuleAction
+    item_ids: frozenset[str] = frozenset()
+    field: str = ""
+    values: frozenset[str] = frozenset()
+    amount: float = 0.0  # boost / bury
+    position: int = 0  # pin, 1-based
+
+
 @dataclass(frozen=True, kw_only=True)
 class RankQuery:
     request_id: str
@@ -31,8 +53,10 @@ class RankQuery:
     categories: frozenset[str] = frozenset()
     min_price: float | None = None
     max_price: float | None = None
+    in_stock_only: bool = False
     weights: Mapping[str, float] = field(default_factory=dict)
-    diversity: DiversitySpec = field(default_factory=DiversitySpec)
+    diversity: DiversitySpec | None = None  # None: the policy's default
+    rules: tuple[Rule, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -10,16 +10,16 @@ import logging
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from ranker import blending, diversity, features
-from ranker.domain import RankQuery, RankResult, ScoreComponent, ScoredItem
+from ranker import blending, diversity, features, rules
+from ranker.domain import DiversitySpec, RankQuery, RankResult, ScoreComponent, ScoredItem
 from ranker.errors import BackendError, InvalidArgument
 from ranker.models import Encoder, QueryTokenizer, Scorer
 from ranker.release import Release
-from ranker.retrieval import Candidates
+from ranker.retrieval import Candidates, union_rows
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +28,6 @@ log = logging.getLogger(__name__)
 class PipelineSettings:
     dense_k: int
     lexical_k: int
-    max_weight: float = 10.0
-    policy: Mapping[str, blending.SignalPolicy] = field(default_factory=lambda: blending.DEFAULT_POLICY)
 
 
 class _Stopwatch:
@@ -72,14 +70,24 @@ class Ranker:
         """Rank for one validated query; `timeout` bounds each model call (seconds)."""
         watch = _Stopwatch()
         degraded: list[str] = []
-        policy = blending.apply_overrides(self.settings.policy, query.weights, max_weight=self.settings.max_weight)
+        release_policy = self.release.policy
+        policy = blending.apply_overrides(release_policy.signals, query.weights, max_weight=release_policy.max_weight)
+        business_rules = (*release_policy.rules, *query.rules)
         catalog = self.release.catalog
         query_tokens = self.release.analyzer.analyze(query.query)
 
         with watch.stage("encode"):
             embedding = await self._encode(query.query, timeout, degraded)
         with watch.stage("retrieve"):
-            candidates = self._candidates(query, query_tokens, embedding)
+            allowed = catalog.mask(
+                categories=query.categories,
+                min_price=query.min_price,
+                max_price=query.max_price,
+                in_stock_only=query.in_stock_only,
+                excluded=rules.excluded(catalog, business_rules),
+            )
+            pinned = rules.pins(catalog, business_rules, allowed)
+            candidates = self._candidates(query, query_tokens, embedding, allowed, [row for _, row in pinned])
         with watch.stage("features"):
             rows = features.assemble(
                 query_tokens, [catalog.tokens[r] for r in candidates.rows], candidates.dense, candidates.bm25
@@ -88,13 +96,16 @@ class Ranker:
             scores = await self._score(rows, embedding is not None, timeout, degraded)
         with watch.stage("blend"):
             signals = {"dense": candidates.dense, "lexical": candidates.bm25, "retrieval": candidates.fused()}
+            signals.update({name: values[candidates.rows] for name, values in catalog.signals.items()})
             if scores is None:
                 policy = blending.without_ranker(policy)
             else:
                 signals["ranker"] = scores
             blend = blending.blend(signals, policy)
+            adjust = rules.adjustments(catalog, business_rules, candidates.rows)
         with watch.stage("diversify"):
-            items = self._select(query, candidates, blend)
+            diversity_spec = query.diversity or release_policy.diversity
+            items = self._select(query.top_k, diversity_spec, candidates, blend, adjust, pinned)
 
         return RankResult(
             request_id=query.request_id,
@@ -119,17 +130,29 @@ class Ranker:
             return None
         return np.asarray(embedding[0], dtype=np.float32)
 
-    def _candidates(self, query: RankQuery, tokens: list[str], embedding: np.ndarray | None) -> Candidates:
+    def _candidates(
+        self,
+        query: RankQuery,
+        tokens: list[str],
+        embedding: np.ndarray | None,
+        allowed: np.ndarray | None,
+        include: list[int],
+    ) -> Candidates:
         catalog = self.release.catalog
-        allowed = catalog.mask(categories=query.categories, min_price=query.min_price, max_price=query.max_price)
         retriever = self.release.retriever
         if query.candidate_ids:
             rows = np.array([catalog.row_of[item_id] for item_id in query.candidate_ids], dtype=np.int64)
             if allowed is not None:
                 rows = rows[allowed[rows]]
+            rows = union_rows(rows, np.array(include, dtype=np.int64))
             return retriever.signals(rows, embedding, retriever.lexical.scores(tokens))
         return retriever.retrieve(
-            tokens, embedding, dense_k=self.settings.dense_k, lexical_k=self.settings.lexical_k, allowed=allowed
+            tokens,
+            embedding,
+            dense_k=self.settings.dense_k,
+            lexical_k=self.settings.lexical_k,
+            allowed=allowed,
+            include=np.array(include, dtype=np.int64),
         )
 
     async def _score(
@@ -148,46 +171,80 @@ class Ranker:
             return None
         return np.asarray(scores, dtype=np.float64).reshape(-1)
 
-    def _select(self, query: RankQuery, candidates: Candidates, blend: blending.Blend) -> tuple[ScoredItem, ...]:
+    def _select(
+        self,
+        top_k: int,
+        spec: DiversitySpec,
+        candidates: Candidates,
+        blend: blending.Blend,
+        adjust: np.ndarray | None,
+        pinned: list[tuple[int, int]],
+    ) -> tuple[ScoredItem, ...]:
         catalog = self.release.catalog
         ids = [catalog.item_ids[r] for r in candidates.rows]
-        # Best first, ties by item id: the order every selector starts from.
-        order = np.array(sorted(range(len(ids)), key=lambda i: (-blend.final[i], ids[i])), dtype=np.int64)
+        base = blend.final if adjust is None else blend.final + adjust
+        position_of_row = {int(r): i for i, r in enumerate(candidates.rows)}
+        pinned_entries = [(position, position_of_row[row]) for position, row in pinned]
+        pinned_set = {entry for _, entry in pinned_entries}
+        # Unpinned candidates best first, ties by item id: the order every selector starts from.
+        free = sorted((i for i in range(len(ids)) if i not in pinned_set), key=lambda i: (-base[i], ids[i]))
+        order = np.array(free, dtype=np.int64)
         rows = candidates.rows[order]
         chosen = diversity.select(
-            blend.final[order],
+            base[order],
             np.asarray(self.release.retriever.dense.embeddings[rows]),
-            query.diversity,
-            query.top_k,
+            spec,
+            top_k - len(pinned_entries),
             [catalog.categories[r] for r in rows],
             [catalog.brands[r] for r in rows],
         )
-        picked = order[chosen]
-        final = diversity.monotone_scores(blend.final[picked])
+        ranked = [int(order[c]) for c in chosen]
+        diversified = diversity.monotone_scores(base[ranked]) if ranked else np.zeros(0)
+        shown_before_pins = dict(zip(ranked, diversified, strict=True))
+        sequence, pinned_shown = rules.place(ranked, pinned_entries, top_k)
+        is_pin = [i in pinned_shown for i in sequence]
+        final = rules.pin_scores(np.array([shown_before_pins.get(i, base[i]) for i in sequence]), is_pin)
+        return tuple(
+            self._explain(ids[i], int(candidates.rows[i]), i, float(score), blend, adjust, shown_before_pins, pin)
+            for i, score, pin in zip(sequence, final, is_pin, strict=True)
+        )
+
+    @staticmethod
+    def _explain(
+        item_id: str,
+        row: int,
+        i: int,
+        score: float,
+        blend: blending.Blend,
+        adjust: np.ndarray | None,
+        shown_before_pins: dict[int, float],
+        is_pin: bool,
+    ) -> ScoredItem:
+        """The item's breakdown: signals, rules, then the diversity or pin adjustment; sums to score."""
         contributions = blend.contributions
-        items = []
-        for position, i in enumerate(picked):
-            parts = [
-                ScoreComponent(
-                    name=name,
-                    raw=float(blend.raw[s, i]),
-                    normalized=float(blend.normalized[s, i]),
-                    weight=float(blend.weights[s]),
-                    contribution=float(contributions[s, i]),
-                )
-                for s, name in enumerate(blend.names)
-            ]
-            adjustment = float(final[position] - blend.final[i])
-            parts.append(ScoreComponent(name="diversity", raw=0.0, normalized=0.0, weight=1.0, contribution=adjustment))
-            items.append(
-                ScoredItem(
-                    item_id=ids[i],
-                    row=int(candidates.rows[i]),
-                    score=float(final[position]),
-                    breakdown=tuple(parts),
-                )
+        parts = [
+            ScoreComponent(
+                name=name,
+                raw=float(blend.raw[s, i]),
+                normalized=float(blend.normalized[s, i]),
+                weight=float(blend.weights[s]),
+                contribution=float(contributions[s, i]),
             )
-        return tuple(items)
+            for s, name in enumerate(blend.names)
+        ]
+        so_far = float(blend.final[i])
+        if adjust is not None:
+            parts.append(_adjustment("rules", float(adjust[i])))
+            so_far += float(adjust[i])
+        if is_pin:
+            parts.append(_adjustment("pin", score - so_far))
+        else:
+            parts.append(_adjustment("diversity", score - so_far))
+        return ScoredItem(item_id=item_id, row=row, score=score, breakdown=tuple(parts))
+
+
+def _adjustment(name: str, amount: float) -> ScoreComponent:
+    return ScoreComponent(name=name, raw=amount, normalized=amount, weight=1.0, contribution=amount)
 
 
 def check_candidate_ids(candidate_ids: tuple[str, ...], row_of: Mapping[str, int], limit: int) -> None:

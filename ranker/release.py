@@ -18,15 +18,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
 
+from ranker.domain import Rule
 from ranker.errors import NotFound
 from ranker.features import FEATURE_NAMES
+from ranker.policy import DEFAULT, POLICY_FILE, Policy, load_policy
 from ranker.retrieval import Analyzer, DenseIndex, HybridRetriever, LexicalIndex
 
 FORMAT_VERSION = 1
@@ -46,7 +50,15 @@ ITEM_SCHEMA: dict[str, pl.DataType] = {
     "category": pl.Utf8(),
     "brand": pl.Utf8(),
     "price": pl.Float64(),
+    "popularity": pl.Float64(),
+    "rating": pl.Float64(),
+    "margin": pl.Float64(),
+    "boost": pl.Float64(),
+    "in_stock": pl.Boolean(),
+    "created_at": pl.Date(),
 }
+# Numeric catalog columns that feed blend signals of the same name (ranker.blending.CATALOG_SIGNALS).
+NUMERIC_ATTRIBUTES = ("price", "popularity", "rating", "margin", "boost")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,6 +108,20 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _rows_by_value(values: list[str | None]) -> dict[str, np.ndarray]:
+    rows: dict[str, list[int]] = {}
+    for row, value in enumerate(values):
+        if value is not None:
+            rows.setdefault(value, []).append(row)
+    return {value: np.array(r, dtype=np.int64) for value, r in rows.items()}
+
+
+def conform(items: pl.DataFrame) -> pl.DataFrame:
+    """Items in exactly ITEM_SCHEMA: absent optional columns become nulls (older releases lack some)."""
+    absent = [pl.lit(None, dtype=t).alias(n) for n, t in ITEM_SCHEMA.items() if n not in items.columns]
+    return items.with_columns(absent).select([pl.col(n).cast(t) for n, t in ITEM_SCHEMA.items()])
+
+
 def read_manifest(directory: Path) -> Manifest:
     path = directory / MANIFEST
     if not path.is_file():
@@ -114,14 +140,29 @@ class Catalog:
     prices: np.ndarray  # float64, NaN where unknown
     tokens: list[list[str]]  # analysed titles
     row_of: dict[str, int]
+    signals: dict[str, np.ndarray]  # catalog blend signals present in the catalog, NaN where unknown
+    in_stock: np.ndarray | None  # bool; None when the catalog has no stock column
+    rows_by_value: dict[str, dict[str, np.ndarray]]  # "category"/"brand" -> value -> rows
 
     def __len__(self) -> int:
         return len(self.item_ids)
 
     @classmethod
-    def from_frame(cls, items: pl.DataFrame, analyzer: Analyzer) -> Catalog:
+    def from_frame(cls, items: pl.DataFrame, analyzer: Analyzer, *, today: date | None = None) -> Catalog:
+        items = conform(items)
         titles = items["title"].to_list()
         ids = items["item_id"].to_list()
+        signals = {
+            name: items[name].fill_null(np.nan).to_numpy().astype(np.float64)
+            for name in NUMERIC_ATTRIBUTES
+            if items[name].null_count() < items.height
+        }
+        if items["created_at"].null_count() < items.height:
+            age = (pl.lit(today or date.today()) - pl.col("created_at")).dt.total_days()
+            days = items.select(age.cast(pl.Float64)).to_series().fill_null(np.nan).to_numpy()
+            signals["freshness"] = -days
+        stock = items["in_stock"]
+        in_stock = stock.fill_null(False).to_numpy().astype(bool) if stock.null_count() < items.height else None
         return cls(
             item_ids=ids,
             titles=titles,
@@ -130,17 +171,47 @@ class Catalog:
             prices=items["price"].fill_null(np.nan).to_numpy().astype(np.float64),
             tokens=analyzer.analyze_many(titles),
             row_of={item_id: row for row, item_id in enumerate(ids)},
+            signals=signals,
+            in_stock=in_stock,
+            rows_by_value={
+                "category": _rows_by_value(items["category"].to_list()),
+                "brand": _rows_by_value(items["brand"].to_list()),
+            },
         )
 
+    def rows_with(self, field: str, values: Iterable[str]) -> np.ndarray:
+        """Rows whose category/brand is one of `values`."""
+        index = self.rows_by_value[field]
+        found = [index[v] for v in values if v in index]
+        return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
+
+    def matches(self, rule: Rule) -> np.ndarray:
+        """Boolean row mask of the items a rule names (by id, or by category/brand value)."""
+        hit = np.zeros(len(self), dtype=bool)
+        hit[[self.row_of[i] for i in rule.item_ids if i in self.row_of]] = True
+        if rule.field:
+            hit[self.rows_with(rule.field, rule.values)] = True
+        return hit
+
     def mask(
-        self, *, categories: frozenset[str], min_price: float | None, max_price: float | None
+        self,
+        *,
+        categories: frozenset[str],
+        min_price: float | None,
+        max_price: float | None,
+        in_stock_only: bool = False,
+        excluded: np.ndarray | None = None,
     ) -> np.ndarray | None:
-        """Boolean row mask for the filters; None when nothing is filtered."""
-        if not categories and min_price is None and max_price is None:
+        """Boolean row mask for the filters and exclusions; None when nothing is filtered."""
+        if not categories and min_price is None and max_price is None and not in_stock_only and excluded is None:
             return None
-        allowed = np.ones(len(self), dtype=bool)
+        allowed = np.ones(len(self), dtype=bool) if excluded is None else ~excluded
+        if in_stock_only:
+            allowed &= self.in_stock if self.in_stock is not None else False
         if categories:
-            allowed &= np.fromiter((c in categories for c in self.categories), dtype=bool, count=len(self))
+            in_category = np.zeros(len(self), dtype=bool)
+            in_category[self.rows_with("category", categories)] = True
+            allowed &= in_category
         if min_price is not None:
             allowed &= self.prices >= min_price  # NaN (unknown price) compares False
         if max_price is not None:
@@ -157,13 +228,15 @@ class Release:
     catalog: Catalog
     retriever: HybridRetriever
     analyzer: Analyzer
+    policy: Policy = DEFAULT
 
     @property
     def model_repository(self) -> Path:
         return self.path / MODEL_REPOSITORY
 
     @classmethod
-    def load(cls, path: Path, *, ef_search: int = 512) -> Release:
+    def load(cls, path: Path, *, ef_search: int = 512, policy_override: Path | None = None) -> Release:
+        """Load a release; the policy is `policy_override`, else the release's policy.toml, else the default."""
         path = Path(path).resolve()
         manifest = read_manifest(path)
         if manifest.features != FEATURE_NAMES:
@@ -181,10 +254,12 @@ class Release:
                 f"release {manifest.release_id} is inconsistent: items {len(catalog)}, "
                 f"dense {dense.num_items}, lexical {lexical.num_items}, manifest {manifest.items}"
             )
+        policy_file = policy_override or path / POLICY_FILE
         return cls(
             path=path,
             manifest=manifest,
             catalog=catalog,
             retriever=HybridRetriever(dense, lexical),
             analyzer=analyzer,
+            policy=load_policy(policy_file) if policy_file.is_file() else DEFAULT,
         )

@@ -205,14 +205,17 @@ class HybridRetriever:
         dense_k: int,
         lexical_k: int,
         allowed: np.ndarray | None = None,
+        include: np.ndarray | None = None,
     ) -> Candidates:
+        """Candidates for a query; `include` rows (e.g. pinned items) join them whether retrieved or not."""
         bm25_all = self.lexical.scores(query_tokens)
         lexical_ranked = top_rows(bm25_all, lexical_k, allowed)
         if query_embedding is None:
             dense_ranked = np.zeros(0, dtype=np.int64)
         else:
             dense_ranked = self.dense.search(query_embedding, dense_k, allowed)
-        rows = union_rows(dense_ranked, lexical_ranked)
+        extra = np.zeros(0, dtype=np.int64) if include is None else np.asarray(include, dtype=np.int64)
+        rows = union_rows(dense_ranked, lexical_ranked, extra)
         return self.signals(rows, query_embedding, bm25_all, dense_ranked, lexical_ranked)
 
     def signals(

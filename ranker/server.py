@@ -93,7 +93,6 @@ def build_ranker(release: Release, models: TritonModels, settings: Settings) -> 
         settings=PipelineSettings(
             dense_k=settings.dense_k or int(manifest.ranker.extra.get("dense_k", 400)),
             lexical_k=settings.lexical_k or int(manifest.ranker.extra.get("lexical_k", 400)),
-            max_weight=settings.max_weight,
         ),
     )
 
@@ -111,7 +110,9 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
     """Load the release, connect to Triton, serve until SIGTERM/SIGINT, then drain and stop."""
     if settings.release is None:
         raise SystemExit("no release: pass --release DIR or set RANKER_RELEASE")
-    release = await asyncio.to_thread(Release.load, settings.release, ef_search=settings.ef_search)
+    release = await asyncio.to_thread(
+        Release.load, settings.release, ef_search=settings.ef_search, policy_override=settings.policy_file
+    )
     log.info("release %s loaded: %d items", release.manifest.release_id, len(release.catalog))
     async with triton_endpoint(settings, release) as url:
         models = TritonModels(url)

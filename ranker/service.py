@@ -8,14 +8,15 @@ from __future__ import annotations
 import logging
 import math
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import grpc
 
 from ranker.config import Settings
-from ranker.domain import DiversityMethod, DiversitySpec, RankQuery, RankResult
+from ranker.domain import DiversityMethod, DiversitySpec, RankQuery, RankResult, Rule, RuleAction
 from ranker.errors import InvalidArgument, RankerError, status_code
 from ranker.pipeline import Ranker, check_candidate_ids
+from ranker.policy import DEFAULT, Policy, make_rule
 from ranker.v1 import ranker_pb2, ranker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -26,8 +27,16 @@ _METHODS = {
     ranker_pb2.DIVERSITY_METHOD_MMR: DiversityMethod.MMR,
     ranker_pb2.DIVERSITY_METHOD_DPP: DiversityMethod.DPP,
 }
+_ACTIONS = {
+    ranker_pb2.RULE_ACTION_PIN: RuleAction.PIN,
+    ranker_pb2.RULE_ACTION_EXCLUDE: RuleAction.EXCLUDE,
+    ranker_pb2.RULE_ACTION_BOOST: RuleAction.BOOST,
+    ranker_pb2.RULE_ACTION_BURY: RuleAction.BURY,
+}
 MAX_ID_CHARS = 256
 MAX_CATEGORIES = 100
+MAX_RULES = 50
+DEFAULT_STRENGTH = 0.3  # a method named without a strength
 
 
 def _check_length(field: str, value: str, limit: int) -> None:
@@ -40,26 +49,63 @@ def _check_price(field: str, value: float) -> None:
         raise InvalidArgument(field, f"must be a finite number >= 0, got {value!r}")
 
 
-def _diversity(request: ranker_pb2.RankRequest, max_top_k: int) -> DiversitySpec:
+def _diversity(request: ranker_pb2.RankRequest, max_top_k: int, policy: Policy) -> DiversitySpec | None:
+    """The request's diversity, or None for the policy's default. An unspecified method with caps or a
+    strength keeps the policy's method."""
     d = request.diversity
     if d.method not in _METHODS:
         raise InvalidArgument("diversity.method", f"unknown method {d.method}; known: {sorted(_METHODS)}")
-    strength = d.strength if d.HasField("strength") else 0.0
-    if not math.isfinite(strength) or not 0.0 <= strength <= 1.0:
+    strength = d.strength if d.HasField("strength") else None
+    if strength is not None and (not math.isfinite(strength) or not 0.0 <= strength <= 1.0):
         raise InvalidArgument("diversity.strength", f"must be in 0..1, got {strength!r}")
     for name in ("max_per_category", "max_per_brand"):
         cap = getattr(d, name)
         if cap > max_top_k:
             raise InvalidArgument(f"diversity.{name}", f"must be 0..{max_top_k}, got {cap}")
-    method = _METHODS[d.method]
-    if method is not DiversityMethod.NONE and not d.HasField("strength"):
-        strength = 0.3
+    if d.method == ranker_pb2.DIVERSITY_METHOD_UNSPECIFIED:
+        if strength is None and not d.max_per_category and not d.max_per_brand:
+            return None
+        method = policy.diversity.method
+    else:
+        method = _METHODS[d.method]
+    if strength is None:
+        strength = policy.diversity.strength if method is policy.diversity.method else DEFAULT_STRENGTH
     return DiversitySpec(
         method=method, strength=strength, max_per_category=d.max_per_category, max_per_brand=d.max_per_brand
     )
 
 
-def to_query(request: ranker_pb2.RankRequest, settings: Settings, row_of: dict[str, int]) -> RankQuery:
+def _rules(request: ranker_pb2.RankRequest, row_of: Mapping[str, int], policy: Policy) -> tuple[Rule, ...]:
+    if len(request.rules) > MAX_RULES:
+        raise InvalidArgument("rules", f"at most {MAX_RULES} rules, got {len(request.rules)}")
+    result = []
+    for i, rule in enumerate(request.rules):
+        where = f"rules[{i}]"
+        if rule.action not in _ACTIONS:
+            raise InvalidArgument(f"{where}.action", f"must be one of {sorted(_ACTIONS)}, got {rule.action}")
+        for j, item_id in enumerate(rule.item_ids):
+            if item_id not in row_of:
+                raise InvalidArgument(f"{where}.item_ids[{j}]", f"unknown item id {item_id[:64]!r}")
+        if len(rule.values) > MAX_CATEGORIES:
+            raise InvalidArgument(f"{where}.values", f"at most {MAX_CATEGORIES} values, got {len(rule.values)}")
+        result.append(
+            make_rule(
+                where,
+                action=_ACTIONS[rule.action],
+                item_ids=frozenset(rule.item_ids),
+                field=rule.field,
+                values=frozenset(rule.values),
+                amount=rule.amount,
+                position=rule.position,
+                max_amount=policy.max_rule_amount,
+            )
+        )
+    return tuple(result)
+
+
+def to_query(
+    request: ranker_pb2.RankRequest, settings: Settings, row_of: Mapping[str, int], policy: Policy = DEFAULT
+) -> RankQuery:
     """Validate a RankRequest; every violation names the field, the value and the limit."""
     _check_length("request_id", request.request_id, MAX_ID_CHARS)
     _check_length("query", request.query, settings.max_query_chars)
@@ -96,8 +142,10 @@ def to_query(request: ranker_pb2.RankRequest, settings: Settings, row_of: dict[s
         categories=frozenset(filters.categories),
         min_price=min_price,
         max_price=max_price,
+        in_stock_only=filters.in_stock_only,
         weights=dict(request.blend.weights),
-        diversity=_diversity(request, settings.max_top_k),
+        diversity=_diversity(request, settings.max_top_k, policy),
+        rules=_rules(request, row_of, policy),
     )
 
 
@@ -145,7 +193,7 @@ class RankerServicer(ranker_pb2_grpc.RankerServicer):
     async def Rank(self, request: ranker_pb2.RankRequest, context: grpc.aio.ServicerContext) -> ranker_pb2.RankResponse:
         ranker = self._current()
         try:
-            query = to_query(request, self._settings, ranker.release.catalog.row_of)
+            query = to_query(request, self._settings, ranker.release.catalog.row_of, ranker.release.policy)
             result = await ranker.rank(query, timeout=self._timeout(context))
             return to_response(result, ranker)
         except RankerError as e:

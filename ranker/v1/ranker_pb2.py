@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16ranker/v1/ranker.proto\x12\tranker.v1\"\x86\x02\n\x0bRankRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\x14\n\x07user_id\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x15\n\rcandidate_ids\x18\x04 \x03(\t\x12\x12\n\x05top_k\x18\x05 \x01(\rH\x01\x88\x01\x01\x12#\n\x07\x66ilters\x18\x06 \x01(\x0b\x32\x12.ranker.v1.Filters\x12(\n\x05\x62lend\x18\x07 \x01(\x0b\x32\x19.ranker.v1.BlendOverrides\x12.\n\tdiversity\x18\x08 \x01(\x0b\x32\x1b.ranker.v1.DiversityOptionsB\n\n\x08_user_idB\x08\n\x06_top_k\"i\n\x07\x46ilters\x12\x12\n\ncategories\x18\x01 \x03(\t\x12\x16\n\tmin_price\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\tmax_price\x18\x03 \x01(\x01H\x01\x88\x01\x01\x42\x0c\n\n_min_priceB\x0c\n\n_max_price\"y\n\x0e\x42lendOverrides\x12\x37\n\x07weights\x18\x01 \x03(\x0b\x32&.ranker.v1.BlendOverrides.WeightsEntry\x1a.\n\x0cWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x93\x01\n\x10\x44iversityOptions\x12*\n\x06method\x18\x01 \x01(\x0e\x32\x1a.ranker.v1.DiversityMethod\x12\x15\n\x08strength\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x18\n\x10max_per_category\x18\x03 \x01(\r\x12\x15\n\rmax_per_brand\x18\x04 \x01(\rB\x0b\n\t_strength\"\xd9\x01\n\x0cRankResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x05items\x18\x02 \x03(\x0b\x32\x15.ranker.v1.RankedItem\x12\'\n\x07release\x18\x03 \x01(\x0b\x32\x16.ranker.v1.ReleaseInfo\x12\'\n\x07timings\x18\x04 \x03(\x0b\x32\x16.ranker.v1.StageTiming\x12\x10\n\x08\x64\x65graded\x18\x05 \x01(\x08\x12\x17\n\x0f\x64\x65graded_reason\x18\x06 \x01(\t\x12\x12\n\ncandidates\x18\x07 \x01(\r\"\xa8\x01\n\nRankedItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12,\n\tbreakdown\x18\x03 \x03(\x0b\x32\x19.ranker.v1.ScoreComponent\x12\r\n\x05title\x18\x04 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x05 \x01(\t\x12\r\n\x05\x62rand\x18\x06 \x01(\t\x12\x12\n\x05price\x18\x07 \x01(\x01H\x00\x88\x01\x01\x42\x08\n\x06_price\"e\n\x0eScoreComponent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03raw\x18\x02 \x01(\x01\x12\x12\n\nnormalized\x18\x03 \x01(\x01\x12\x0e\n\x06weight\x18\x04 \x01(\x01\x12\x14\n\x0c\x63ontribution\x18\x05 \x01(\x01\"\x9a\x01\n\x0bReleaseInfo\x12\x12\n\nrelease_id\x18\x01 \x01(\t\x12\x41\n\x0emodel_versions\x18\x02 \x03(\x0b\x32).ranker.v1.ReleaseInfo.ModelVersionsEntry\x1a\x34\n\x12ModelVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\",\n\x0bStageTiming\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0e\n\x06millis\x18\x02 \x01(\x01*\x82\x01\n\x0f\x44iversityMethod\x12 \n\x1c\x44IVERSITY_METHOD_UNSPECIFIED\x10\x00\x12\x19\n\x15\x44IVERSITY_METHOD_NONE\x10\x01\x12\x18\n\x14\x44IVERSITY_METHOD_MMR\x10\x02\x12\x18\n\x14\x44IVERSITY_METHOD_DPP\x10\x03\x32\x41\n\x06Ranker\x12\x37\n\x04Rank\x12\x16.ranker.v1.RankRequest\x1a\x17.ranker.v1.RankResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16ranker/v1/ranker.proto\x12\tranker.v1\"\xa6\x02\n\x0bRankRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\x14\n\x07user_id\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x15\n\rcandidate_ids\x18\x04 \x03(\t\x12\x12\n\x05top_k\x18\x05 \x01(\rH\x01\x88\x01\x01\x12#\n\x07\x66ilters\x18\x06 \x01(\x0b\x32\x12.ranker.v1.Filters\x12(\n\x05\x62lend\x18\x07 \x01(\x0b\x32\x19.ranker.v1.BlendOverrides\x12.\n\tdiversity\x18\x08 \x01(\x0b\x32\x1b.ranker.v1.DiversityOptions\x12\x1e\n\x05rules\x18\t \x03(\x0b\x32\x0f.ranker.v1.RuleB\n\n\x08_user_idB\x08\n\x06_top_k\"\x80\x01\n\x07\x46ilters\x12\x12\n\ncategories\x18\x01 \x03(\t\x12\x16\n\tmin_price\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\tmax_price\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x15\n\rin_stock_only\x18\x04 \x01(\x08\x42\x0c\n\n_min_priceB\x0c\n\n_max_price\"\x80\x01\n\x04Rule\x12%\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\x15.ranker.v1.RuleAction\x12\x10\n\x08item_ids\x18\x02 \x03(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\x12\x0e\n\x06values\x18\x04 \x03(\t\x12\x0e\n\x06\x61mount\x18\x05 \x01(\x01\x12\x10\n\x08position\x18\x06 \x01(\r\"y\n\x0e\x42lendOverrides\x12\x37\n\x07weights\x18\x01 \x03(\x0b\x32&.ranker.v1.BlendOverrides.WeightsEntry\x1a.\n\x0cWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x93\x01\n\x10\x44iversityOptions\x12*\n\x06method\x18\x01 \x01(\x0e\x32\x1a.ranker.v1.DiversityMethod\x12\x15\n\x08strength\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x18\n\x10max_per_category\x18\x03 \x01(\r\x12\x15\n\rmax_per_brand\x18\x04 \x01(\rB\x0b\n\t_strength\"\xd9\x01\n\x0cRankResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x05items\x18\x02 \x03(\x0b\x32\x15.ranker.v1.RankedItem\x12\'\n\x07release\x18\x03 \x01(\x0b\x32\x16.ranker.v1.ReleaseInfo\x12\'\n\x07timings\x18\x04 \x03(\x0b\x32\x16.ranker.v1.StageTiming\x12\x10\n\x08\x64\x65graded\x18\x05 \x01(\x08\x12\x17\n\x0f\x64\x65graded_reason\x18\x06 \x01(\t\x12\x12\n\ncandidates\x18\x07 \x01(\r\"\xa8\x01\n\nRankedItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12,\n\tbreakdown\x18\x03 \x03(\x0b\x32\x19.ranker.v1.ScoreComponent\x12\r\n\x05title\x18\x04 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x05 \x01(\t\x12\r\n\x05\x62rand\x18\x06 \x01(\t\x12\x12\n\x05price\x18\x07 \x01(\x01H\x00\x88\x01\x01\x42\x08\n\x06_price\"e\n\x0eScoreComponent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03raw\x18\x02 \x01(\x01\x12\x12\n\nnormalized\x18\x03 \x01(\x01\x12\x0e\n\x06weight\x18\x04 \x01(\x01\x12\x14\n\x0c\x63ontribution\x18\x05 \x01(\x01\"\x9a\x01\n\x0bReleaseInfo\x12\x12\n\nrelease_id\x18\x01 \x01(\t\x12\x41\n\x0emodel_versions\x18\x02 \x03(\x0b\x32).ranker.v1.ReleaseInfo.ModelVersionsEntry\x1a\x34\n\x12ModelVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\",\n\x0bStageTiming\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0e\n\x06millis\x18\x02 \x01(\x01*\x84\x01\n\nRuleAction\x12\x1b\n\x17RULE_ACTION_UNSPECIFIED\x10\x00\x12\x13\n\x0fRULE_ACTION_PIN\x10\x01\x12\x17\n\x13RULE_ACTION_EXCLUDE\x10\x02\x12\x15\n\x11RULE_ACTION_BOOST\x10\x03\x12\x14\n\x10RULE_ACTION_BURY\x10\x04*\x82\x01\n\x0f\x44iversityMethod\x12 \n\x1c\x44IVERSITY_METHOD_UNSPECIFIED\x10\x00\x12\x19\n\x15\x44IVERSITY_METHOD_NONE\x10\x01\x12\x18\n\x14\x44IVERSITY_METHOD_MMR\x10\x02\x12\x18\n\x14\x44IVERSITY_METHOD_DPP\x10\x03\x32\x41\n\x06Ranker\x12\x37\n\x04Rank\x12\x16.ranker.v1.RankRequest\x1a\x17.ranker.v1.RankResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,30 +35,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BLENDOVERRIDES_WEIGHTSENTRY']._serialized_options = b'8\001'
   _globals['_RELEASEINFO_MODELVERSIONSENTRY']._loaded_options = None
   _globals['_RELEASEINFO_MODELVERSIONSENTRY']._serialized_options = b'8\001'
-  _globals['_DIVERSITYMETHOD']._serialized_start=1380
-  _globals['_DIVERSITYMETHOD']._serialized_end=1510
+  _globals['_RULEACTION']._serialized_start=1567
+  _globals['_RULEACTION']._serialized_end=1699
+  _globals['_DIVERSITYMETHOD']._serialized_start=1702
+  _globals['_DIVERSITYMETHOD']._serialized_end=1832
   _globals['_RANKREQUEST']._serialized_start=38
-  _globals['_RANKREQUEST']._serialized_end=300
-  _globals['_FILTERS']._serialized_start=302
-  _globals['_FILTERS']._serialized_end=407
-  _globals['_BLENDOVERRIDES']._serialized_start=409
-  _globals['_BLENDOVERRIDES']._serialized_end=530
-  _globals['_BLENDOVERRIDES_WEIGHTSENTRY']._serialized_start=484
-  _globals['_BLENDOVERRIDES_WEIGHTSENTRY']._serialized_end=530
-  _globals['_DIVERSITYOPTIONS']._serialized_start=533
-  _globals['_DIVERSITYOPTIONS']._serialized_end=680
-  _globals['_RANKRESPONSE']._serialized_start=683
-  _globals['_RANKRESPONSE']._serialized_end=900
-  _globals['_RANKEDITEM']._serialized_start=903
-  _globals['_RANKEDITEM']._serialized_end=1071
-  _globals['_SCORECOMPONENT']._serialized_start=1073
-  _globals['_SCORECOMPONENT']._serialized_end=1174
-  _globals['_RELEASEINFO']._serialized_start=1177
-  _globals['_RELEASEINFO']._serialized_end=1331
-  _globals['_RELEASEINFO_MODELVERSIONSENTRY']._serialized_start=1279
-  _globals['_RELEASEINFO_MODELVERSIONSENTRY']._serialized_end=1331
-  _globals['_STAGETIMING']._serialized_start=1333
-  _globals['_STAGETIMING']._serialized_end=1377
-  _globals['_RANKER']._serialized_start=1512
-  _globals['_RANKER']._serialized_end=1577
+  _globals['_RANKREQUEST']._serialized_end=332
+  _globals['_FILTERS']._serialized_start=335
+  _globals['_FILTERS']._serialized_end=463
+  _globals['_RULE']._serialized_start=466
+  _globals['_RULE']._serialized_end=594
+  _globals['_BLENDOVERRIDES']._serialized_start=596
+  _globals['_BLENDOVERRIDES']._serialized_end=717
+  _globals['_BLENDOVERRIDES_WEIGHTSENTRY']._serialized_start=671
+  _globals['_BLENDOVERRIDES_WEIGHTSENTRY']._serialized_end=717
+  _globals['_DIVERSITYOPTIONS']._serialized_start=720
+  _globals['_DIVERSITYOPTIONS']._serialized_end=867
+  _globals['_RANKRESPONSE']._serialized_start=870
+  _globals['_RANKRESPONSE']._serialized_end=1087
+  _globals['_RANKEDITEM']._serialized_start=1090
+  _globals['_RANKEDITEM']._serialized_end=1258
+  _globals['_SCORECOMPONENT']._serialized_start=1260
+  _globals['_SCORECOMPONENT']._serialized_end=1361
+  _globals['_RELEASEINFO']._serialized_start=1364
+  _globals['_RELEASEINFO']._serialized_end=1518
+  _globals['_RELEASEINFO_MODELVERSIONSENTRY']._serialized_start=1466
+  _globals['_RELEASEINFO_MODELVERSIONSENTRY']._serialized_end=1518
+  _globals['_STAGETIMING']._serialized_start=1520
+  _globals['_STAGETIMING']._serialized_end=1564
+  _globals['_RANKER']._serialized_start=1834
+  _globals['_RANKER']._serialized_end=1899
 # @@protoc_insertion_point(module_scope)

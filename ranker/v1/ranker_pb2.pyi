@@ -7,19 +7,32 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class RuleAction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RULE_ACTION_UNSPECIFIED: _ClassVar[RuleAction]
+    RULE_ACTION_PIN: _ClassVar[RuleAction]
+    RULE_ACTION_EXCLUDE: _ClassVar[RuleAction]
+    RULE_ACTION_BOOST: _ClassVar[RuleAction]
+    RULE_ACTION_BURY: _ClassVar[RuleAction]
+
 class DiversityMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     DIVERSITY_METHOD_UNSPECIFIED: _ClassVar[DiversityMethod]
     DIVERSITY_METHOD_NONE: _ClassVar[DiversityMethod]
     DIVERSITY_METHOD_MMR: _ClassVar[DiversityMethod]
     DIVERSITY_METHOD_DPP: _ClassVar[DiversityMethod]
+RULE_ACTION_UNSPECIFIED: RuleAction
+RULE_ACTION_PIN: RuleAction
+RULE_ACTION_EXCLUDE: RuleAction
+RULE_ACTION_BOOST: RuleAction
+RULE_ACTION_BURY: RuleAction
 DIVERSITY_METHOD_UNSPECIFIED: DiversityMethod
 DIVERSITY_METHOD_NONE: DiversityMethod
 DIVERSITY_METHOD_MMR: DiversityMethod
 DIVERSITY_METHOD_DPP: DiversityMethod
 
 class RankRequest(_message.Message):
-    __slots__ = ("request_id", "query", "user_id", "candidate_ids", "top_k", "filters", "blend", "diversity")
+    __slots__ = ("request_id", "query", "user_id", "candidate_ids", "top_k", "filters", "blend", "diversity", "rules")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     QUERY_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +41,7 @@ class RankRequest(_message.Message):
     FILTERS_FIELD_NUMBER: _ClassVar[int]
     BLEND_FIELD_NUMBER: _ClassVar[int]
     DIVERSITY_FIELD_NUMBER: _ClassVar[int]
+    RULES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     query: str
     user_id: str
@@ -36,17 +50,36 @@ class RankRequest(_message.Message):
     filters: Filters
     blend: BlendOverrides
     diversity: DiversityOptions
-    def __init__(self, request_id: _Optional[str] = ..., query: _Optional[str] = ..., user_id: _Optional[str] = ..., candidate_ids: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., filters: _Optional[_Union[Filters, _Mapping]] = ..., blend: _Optional[_Union[BlendOverrides, _Mapping]] = ..., diversity: _Optional[_Union[DiversityOptions, _Mapping]] = ...) -> None: ...
+    rules: _containers.RepeatedCompositeFieldContainer[Rule]
+    def __init__(self, request_id: _Optional[str] = ..., query: _Optional[str] = ..., user_id: _Optional[str] = ..., candidate_ids: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., filters: _Optional[_Union[Filters, _Mapping]] = ..., blend: _Optional[_Union[BlendOverrides, _Mapping]] = ..., diversity: _Optional[_Union[DiversityOptions, _Mapping]] = ..., rules: _Optional[_Iterable[_Union[Rule, _Mapping]]] = ...) -> None: ...
 
 class Filters(_message.Message):
-    __slots__ = ("categories", "min_price", "max_price")
+    __slots__ = ("categories", "min_price", "max_price", "in_stock_only")
     CATEGORIES_FIELD_NUMBER: _ClassVar[int]
     MIN_PRICE_FIELD_NUMBER: _ClassVar[int]
     MAX_PRICE_FIELD_NUMBER: _ClassVar[int]
+    IN_STOCK_ONLY_FIELD_NUMBER: _ClassVar[int]
     categories: _containers.RepeatedScalarFieldContainer[str]
     min_price: float
     max_price: float
-    def __init__(self, categories: _Optional[_Iterable[str]] = ..., min_price: _Optional[float] = ..., max_price: _Optional[float] = ...) -> None: ...
+    in_stock_only: bool
+    def __init__(self, categories: _Optional[_Iterable[str]] = ..., min_price: _Optional[float] = ..., max_price: _Optional[float] = ..., in_stock_only: _Optional[bool] = ...) -> None: ...
+
+class Rule(_message.Message):
+    __slots__ = ("action", "item_ids", "field", "values", "amount", "position")
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    FIELD_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    AMOUNT_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    action: RuleAction
+    item_ids: _containers.RepeatedScalarFieldContainer[str]
+    field: str
+    values: _containers.RepeatedScalarFieldContainer[str]
+    amount: float
+    position: int
+    def __init__(self, action: _Optional[_Union[RuleAction, str]] = ..., item_ids: _Optional[_Iterable[str]] = ..., field: _Optional[str] = ..., values: _Optional[_Iterable[str]] = ..., amount: _Optional[float] = ..., position: _Optional[int] = ...) -> None: ...
 
 class BlendOverrides(_message.Message):
     __slots__ = ("weights",)

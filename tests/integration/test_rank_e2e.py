@@ -156,6 +156,35 @@ def test_served_top_10_equals_the_offline_evaluation(stub: ranker_pb2_grpc.Ranke
         assert [item.item_id for item in served.items] == offline_runs[query][:10], query
 
 
+def test_brand_caps_hold_through_the_server(stub: ranker_pb2_grpc.RankerStub) -> None:
+    for method in (ranker_pb2.DIVERSITY_METHOD_NONE, ranker_pb2.DIVERSITY_METHOD_MMR, ranker_pb2.DIVERSITY_METHOD_DPP):
+        diversity = ranker_pb2.DiversityOptions(method=method, strength=0.4, max_per_brand=1, max_per_category=3)
+        response = stub.Rank(ranker_pb2.RankRequest(query="drill", top_k=10, diversity=diversity), timeout=30)
+        brands = [item.brand for item in response.items if item.brand]
+        categories = [item.category for item in response.items if item.category]
+        assert len(brands) == len(set(brands)), (method, brands)
+        assert max(categories.count(c) for c in set(categories)) <= 3
+        for item in response.items:
+            assert math.isclose(sum(c.contribution for c in item.breakdown), item.score, abs_tol=1e-6)
+
+
+def test_rules_through_the_server(stub: ranker_pb2_grpc.RankerStub) -> None:
+    plain = stub.Rank(ranker_pb2.RankRequest(query="drill", top_k=5), timeout=30)
+    far = stub.Rank(ranker_pb2.RankRequest(query="garden hose", top_k=30), timeout=30).items[-1].item_id
+    rules = [
+        ranker_pb2.Rule(action=ranker_pb2.RULE_ACTION_PIN, item_ids=[far], position=1),
+        ranker_pb2.Rule(action=ranker_pb2.RULE_ACTION_EXCLUDE, item_ids=[plain.items[0].item_id]),
+    ]
+    response = stub.Rank(ranker_pb2.RankRequest(query="drill", top_k=5, rules=rules), timeout=30)
+    ids = [item.item_id for item in response.items]
+    assert ids[0] == far and plain.items[0].item_id not in ids
+    assert [item.score for item in response.items] == sorted((item.score for item in response.items), reverse=True)
+    with pytest.raises(grpc.RpcError) as caught:
+        bad = ranker_pb2.Rule(action=ranker_pb2.RULE_ACTION_BOOST, item_ids=[far], amount=-1)
+        stub.Rank(ranker_pb2.RankRequest(query="drill", rules=[bad]), timeout=30)
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "rules[0].amount" in caught.value.details()
+
+
 def test_rank_degrades_while_triton_is_down_and_recovers(
     stub: ranker_pb2_grpc.RankerStub, triton: LocalTritonServer
 ) -> None:

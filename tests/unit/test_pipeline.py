@@ -100,8 +100,8 @@ def test_weight_override_changes_the_order() -> None:
 
 
 def test_unknown_weight_is_invalid() -> None:
-    with pytest.raises(InvalidArgument, match=r"blend.weights\['popularity'\]"):
-        rank(make_ranker(), weights={"popularity": 1.0})
+    with pytest.raises(InvalidArgument, match=r"blend.weights\['likes'\]"):
+        rank(make_ranker(), weights={"likes": 1.0})
 
 
 def test_candidate_id_checks_name_the_index() -> None:

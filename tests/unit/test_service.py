@@ -24,7 +24,7 @@ def query(**kwargs: object) -> object:
 
 def test_defaults() -> None:
     q = query(query="drill")
-    assert q.top_k == 20 and q.request_id and q.diversity.method is DiversityMethod.NONE
+    assert q.top_k == 20 and q.request_id and q.diversity is None and q.rules == ()
 
 
 @pytest.mark.parametrize(
@@ -51,7 +51,7 @@ def test_invalid_requests_name_the_field(kwargs: dict[str, object], message: str
 
         q = query(**kwargs)
         with pytest.raises(InvalidArgument) as caught:
-            apply_overrides(DEFAULT_POLICY, q.weights, max_weight=SETTINGS.max_weight)
+            apply_overrides(DEFAULT_POLICY, q.weights, max_weight=10.0)
     else:
         with pytest.raises(InvalidArgument) as caught:
             query(**kwargs)
@@ -76,3 +76,38 @@ def test_every_error_class_has_a_status() -> None:
         assert (errors.status_for(cls) is grpc.StatusCode.INTERNAL) == expected_internal, cls
     assert errors.status_code(InvalidArgument("f", "m")) is grpc.StatusCode.INVALID_ARGUMENT
     assert errors.status_code(errors.BackendTimeout("t", "m")) is grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+@pytest.mark.parametrize(
+    ("rule", "message"),
+    [
+        (
+            {"action": "RULE_ACTION_PIN", "item_ids": ["zz"], "position": 1},
+            "rules[0].item_ids[0]: unknown item id 'zz'",
+        ),
+        ({"action": "RULE_ACTION_PIN", "item_ids": ["a"], "position": 0}, "rules[0].position: must be 1..200, got 0"),
+        (
+            {"action": "RULE_ACTION_BOOST", "item_ids": ["a"], "amount": math.nan},
+            "rules[0].amount: must be in (0, 100]",
+        ),
+        ({"action": "RULE_ACTION_BURY", "field": "colour", "values": ["red"], "amount": 1}, "rules[0].field: must be"),
+        ({"action": "RULE_ACTION_UNSPECIFIED", "item_ids": ["a"]}, "rules[0].action: must be one of"),
+    ],
+)
+def test_invalid_rules_name_the_field(rule: dict[str, object], message: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        query(query="x", rules=[rule])
+    assert message in str(caught.value)
+
+
+def test_valid_rules_and_diversity_defaults() -> None:
+    q = query(
+        query="x",
+        rules=[{"action": "RULE_ACTION_EXCLUDE", "field": "brand", "values": ["Acme"]}],
+        diversity={"max_per_brand": 2},
+    )
+    assert q.rules[0].action.value == "exclude" and q.rules[0].values == frozenset({"Acme"})
+    assert q.diversity is not None and q.diversity.max_per_brand == 2
+    named = query(query="x", diversity={"method": "DIVERSITY_METHOD_MMR"})
+    assert named.diversity is not None and named.diversity.method is DiversityMethod.MMR
+    assert named.diversity.strength == 0.3

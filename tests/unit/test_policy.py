@@ -1,0 +1,76 @@
+"""The policy file: defaults, overrides, rules, and errors that name the file and the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ranker.blending import DEFAULT_POLICY, Normalization
+from ranker.domain import DiversityMethod, RuleAction
+from ranker.errors import InvalidArgument
+from ranker.policy import load_policy
+
+GOOD = """
+max_weight = 5.0
+[signals.popularity]
+weight = 0.2
+normalization = "rank"
+[signals.price]
+weight = 0.1
+higher_is_better = false
+[diversity]
+method = "dpp"
+strength = 0.25
+max_per_brand = 2
+[[rules]]
+action = "pin"
+item_ids = ["sku-1"]
+position = 1
+[[rules]]
+action = "bury"
+field = "brand"
+values = ["Acme"]
+amount = 0.5
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "policy.toml"
+    path.write_text(text)
+    return path
+
+
+def test_a_policy_file_overrides_only_what_it_names(tmp_path: Path) -> None:
+    policy = load_policy(write(tmp_path, GOOD))
+    assert policy.max_weight == 5.0
+    assert policy.signals["popularity"].weight == 0.2
+    assert policy.signals["popularity"].normalization is Normalization.RANK
+    assert policy.signals["price"].higher_is_better is False
+    assert policy.signals["ranker"] == DEFAULT_POLICY["ranker"]
+    assert policy.diversity.method is DiversityMethod.DPP and policy.diversity.max_per_brand == 2
+    assert [r.action for r in policy.rules] == [RuleAction.PIN, RuleAction.BURY]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("colour = 1", "unknown key(s) ['colour']"),
+        ("[signals.likes]\nweight = 1", "signals.likes: unknown signal"),
+        ("[signals.ranker]\nweight = 50", "signals.ranker.weight: must be in 0..10, got 50"),
+        ('[signals.ranker]\nnormalization = "log"', "signals.ranker.normalization: must be one of"),
+        ('[diversity]\nmethod = "random"', "diversity.method: must be one of"),
+        (
+            '[[rules]]\naction = "pin"\nitem_ids = ["a", "b"]\nposition = 1',
+            "rules[0].item_ids: a pin names exactly one",
+        ),
+        ('[[rules]]\naction = "boost"\nitem_ids = ["a"]\namount = 0', "rules[0].amount: must be in (0, 100]"),
+        ('[[rules]]\naction = "exclude"', "rules[0]: give either item_ids or field with values"),
+        ("max_weight = [", "not valid TOML"),
+    ],
+)
+def test_errors_name_the_file_and_key(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(InvalidArgument) as caught:
+        load_policy(path)
+    assert str(path) in str(caught.value) and message in str(caught.value)
