@@ -1,4 +1,4 @@
-"""Export all-MiniLM-L6-v2 (mean-pooled, L2-normalised) to ONNX, check it, and embed a catalog with it."""
+"""Export all-MiniLM-L6-v2 or its fine-tune (mean-pooled, L2-normalised) to ONNX, check it, embed a catalog with it."""
 
 from __future__ import annotations
 
@@ -60,12 +60,13 @@ class MeanPooledEncoder(torch.nn.Module):
         return torch.nn.functional.normalize(summed / counts, p=2.0, dim=1)
 
 
-def load_reference() -> tuple[MeanPooledEncoder, Any]:
-    """The torch encoder and the HF fast tokenizer, from the local package only (never the hub)."""
+def load_reference(path: Path | None = None) -> tuple[MeanPooledEncoder, Any]:
+    """The torch encoder and the HF fast tokenizer: the pretrained package model by default, or a
+    fine-tuned Hugging Face folder (offline.train_encoder's output); local files only, never the hub."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModel, AutoTokenizer
 
-    path = model_path()
+    path = model_path() if path is None else Path(path)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, use_fast=True)
     transformer = AutoModel.from_pretrained(path, local_files_only=True)
     model = MeanPooledEncoder(transformer).eval()
@@ -101,7 +102,12 @@ def check_tokenizer(tokenizer: Any, tokenizer_file: Path, queries: Sequence[str]
     """The serving tokenizer must give the very ids the HF tokenizer gives, padding included."""
     ids, mask = QueryTokenizer(tokenizer_file, MAX_QUERY_TOKENS)(list(queries))
     expected = tokenizer(
-        list(queries), padding="max_length", truncation=True, max_length=MAX_QUERY_TOKENS, return_tensors="np"
+        list(queries),
+        padding=True,
+        pad_to_multiple_of=8,
+        truncation=True,
+        max_length=MAX_QUERY_TOKENS,
+        return_tensors="np",
     )
     if not (np.array_equal(ids, expected["input_ids"]) and np.array_equal(mask, expected["attention_mask"])):
         raise ParityError("ranker.models.QueryTokenizer and the HF tokenizer give different ids")
@@ -135,9 +141,12 @@ class EncoderExport:
     parity_max_abs_diff: float
 
 
-def export_encoder(onnx_file: Path, tokenizer_file: Path, parity_texts: Sequence[str]) -> EncoderExport:
-    """Write the ONNX encoder and tokenizer.json, then prove both match the reference."""
-    model, tokenizer = load_reference()
+def export_encoder(
+    onnx_file: Path, tokenizer_file: Path, parity_texts: Sequence[str], model_dir: Path | None = None
+) -> EncoderExport:
+    """Write the ONNX encoder and tokenizer.json, then prove both match the reference (the pretrained
+    model, or the fine-tuned one in `model_dir`)."""
+    model, tokenizer = load_reference(model_dir)
     onnx_file.parent.mkdir(parents=True, exist_ok=True)
     export_onnx(model, tokenizer, onnx_file)
     save_tokenizer(tokenizer, tokenizer_file)

@@ -14,6 +14,7 @@ import itertools
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import date, timedelta
 from pathlib import Path
 
 import polars as pl
@@ -402,7 +403,10 @@ def generate_judgments(items: Sequence[Item], seed: int = SEED) -> list[dict]:
     return rows
 
 
-def catalog_frame(items: Sequence[Item]) -> pl.DataFrame:
+def catalog_frame(items: Sequence[Item], seed: int = SEED) -> pl.DataFrame:
+    """The catalog table, with business columns drawn from their own RNG (titles/judgments unchanged)."""
+    rng = random.Random(seed + 1)
+    launch = date(2024, 1, 1)
     return pl.DataFrame(
         {
             "item_id": [i.item_id for i in items],
@@ -410,6 +414,10 @@ def catalog_frame(items: Sequence[Item]) -> pl.DataFrame:
             "category": [i.kind.category for i in items],
             "brand": [i.brand for i in items],
             "price": [i.price for i in items],
+            "popularity": [int(rng.lognormvariate(4.0, 1.2)) for _ in items],  # units sold last 90 days
+            "rating": [round(rng.uniform(3.0, 5.0), 1) for _ in items],
+            "in_stock": [rng.random() < 0.9 for _ in items],
+            "created_at": [(launch + timedelta(days=rng.randrange(0, 700))).isoformat() for _ in items],
         }
     )
 
@@ -418,7 +426,7 @@ def write(out: Path, seed: int = SEED) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     items = generate_items(seed)
     catalog, judgments = out / CATALOG_FILE, out / JUDGMENTS_FILE
-    catalog_frame(items).write_csv(catalog)
+    catalog_frame(items, seed).write_csv(catalog)
     pl.DataFrame(
         generate_judgments(items, seed), schema={"query": pl.Utf8, "item_id": pl.Utf8, "relevance": pl.Int64}
     ).write_csv(judgments)

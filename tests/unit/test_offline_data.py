@@ -129,3 +129,27 @@ def test_split_ignores_case_and_spacing() -> None:
 def test_judgments_by_query() -> None:
     frame = pl.DataFrame({"query": ["a", "b", "a"], "item_id": ["1", "2", "3"], "relevance": [3.0, 1.0, 2.0]})
     assert data.judgments_by_query(frame) == {"a": {"1": 3.0, "3": 2.0}, "b": {"2": 1.0}}
+
+
+def test_catalog_business_columns_are_typed(tmp_path: Path) -> None:
+    path = tmp_path / "c.csv"
+    path.write_text(
+        "item_id,title,popularity,rating,in_stock,created_at,margin\n"
+        "1,first,12,4.5,yes,2025-03-01,0.2\n"
+        "2,second,,,0,2025-03-02T10:00:00,\n"
+    )
+    items = data.load_catalog(path)
+    assert items["popularity"].to_list() == [12.0, None]
+    assert items["in_stock"].to_list() == [True, False]
+    assert [d.isoformat() for d in items["created_at"].to_list()] == ["2025-03-01", "2025-03-02"]
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "message"),
+    [("in_stock", "maybe", "in_stock that is not true/false"), ("created_at", "yesterday", "not a YYYY-MM-DD")],
+)
+def test_catalog_rejects_bad_business_values(tmp_path: Path, column: str, value: str, message: str) -> None:
+    path = tmp_path / "c.csv"
+    path.write_text(f"item_id,title,{column}\n1,first,{value}\n")
+    with pytest.raises(data.DataError, match=message):
+        data.load_catalog(path)
