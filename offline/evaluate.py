@@ -4,12 +4,19 @@ The release's ONNX files run in-process (ranker.models.OnnxEncoder / OnnxScorer)
 Encoder/Scorer protocols the service uses with Triton, and every query goes through
 ranker.pipeline.Ranker.rank — the same retrieval, features, scoring and blending code that serves
 traffic. Metrics follow ../shared/data/README.md (offline.metrics).
+
+With --diversity every query carries that DiversitySpec; the result then also reports how varied
+the top 10 is (ILD@10, category and brand coverage@10; offline.metrics). A release without
+categories/brands gets them derived in memory (offline.attributes.fill_attributes), used for the
+caps and the coverage metrics, and the JSON says "attributes": "derived". --tradeoff sweeps the
+strength of MMR and DPP and plots NDCG@10 against ILD@10 (docs/diversity.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import sys
 import time
@@ -18,11 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import polars as pl
 from tqdm import tqdm
 
 from offline import metrics
+from offline.attributes import fill_attributes
 from offline.data import judgments_by_query, load_catalog, load_judgments, split_queries
-from ranker.domain import RankQuery
+from ranker.domain import DiversityMethod, DiversitySpec, RankQuery
 from ranker.models import OnnxEncoder, OnnxScorer, QueryTokenizer
 from ranker.pipeline import PipelineSettings, Ranker
 from ranker.release import ENCODER_MODEL, MODEL_REPOSITORY, RANKER_MODEL, TOKENIZER, Release
@@ -37,6 +46,10 @@ STAGES: dict[str, dict[str, float]] = {
     "hybrid_rrf": {"ranker": 0.0, "retrieval": 1.0},
     "hybrid_ranker": {},
 }
+
+TRADEOFF_STRENGTHS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7)
+DEFAULT_STRENGTH = 0.3  # with --diversity mmr|dpp and no --diversity-strength
+DIVERSITY_K = 10
 
 
 class CachingEncoder:
@@ -82,11 +95,17 @@ def select_queries(judgments_path: Path, split: str, seed: int) -> dict[str, dic
 
 
 async def run_queries(
-    ranker: Ranker, queries: Sequence[str], *, weights: Mapping[str, float] | None = None, progress: bool = True
+    ranker: Ranker,
+    queries: Sequence[str],
+    *,
+    weights: Mapping[str, float] | None = None,
+    diversity: DiversitySpec | None = None,
+    progress: bool = True,
 ) -> dict[str, list[str]]:
     runs: dict[str, list[str]] = {}
+    spec = diversity or DiversitySpec()
     for i, text in enumerate(tqdm(queries, desc="ranking", unit="query", disable=not progress, file=sys.stderr)):
-        query = RankQuery(request_id=f"eval-{i}", query=text, top_k=DEPTH, weights=dict(weights or {}))
+        query = RankQuery(request_id=f"eval-{i}", query=text, top_k=DEPTH, weights=dict(weights or {}), diversity=spec)
         result = await ranker.rank(query)
         runs[text] = [item.item_id for item in result.items]
     return runs
@@ -113,6 +132,118 @@ def score_runs(runs: Mapping[str, Sequence[str]], judged: Mapping[str, Mapping[s
     return result
 
 
+def with_attributes(release: Release) -> tuple[Release, str, dict[str, float]]:
+    """The release with every category/brand filled ("given", "derived" or "given+derived").
+
+    Derived values exist only in memory here: the caps and the coverage metrics need them, and a
+    title-only catalog (Home Depot) has none.
+    """
+    catalog = release.catalog
+    missing = sum(c is None for c in catalog.categories) + sum(b is None for b in catalog.brands)
+    if missing == 0:
+        return release, "given", {"category": 1.0, "brand": 1.0}
+    items = pl.DataFrame(
+        {"item_id": catalog.item_ids, "title": catalog.titles, "category": catalog.categories, "brand": catalog.brands},
+        schema={"item_id": pl.Utf8, "title": pl.Utf8, "category": pl.Utf8, "brand": pl.Utf8},
+    )
+    filled, report = fill_attributes(items, np.asarray(release.retriever.dense.embeddings))
+    coverage = {name: float(report[name]["coverage"]) for name in ("category", "brand")}
+    catalog = dataclasses.replace(catalog, categories=filled["category"].to_list(), brands=filled["brand"].to_list())
+    given = 2 * len(release.catalog) - missing
+    return dataclasses.replace(release, catalog=catalog), "derived" if given == 0 else "given+derived", coverage
+
+
+def diversity_scores(release: Release, runs: Mapping[str, Sequence[str]], k: int = DIVERSITY_K) -> dict[str, float]:
+    """Mean ILD@k and category/brand coverage@k (distinct values in the top k, a count) over the runs."""
+    catalog = release.catalog
+    embeddings = release.retriever.dense.embeddings
+    ild, categories, brands = [], [], []
+    for ranked in runs.values():
+        rows = [catalog.row_of[item_id] for item_id in ranked[:k]]
+        ild.append(metrics.ild_at_k(np.asarray(embeddings[rows]) if rows else np.zeros((0, 1)), k))
+        categories.append(metrics.coverage_at_k([catalog.categories[r] for r in rows], k))
+        brands.append(metrics.coverage_at_k([catalog.brands[r] for r in rows], k))
+    mean = lambda values: float(np.mean(values)) if values else 0.0  # noqa: E731
+    return {f"ild@{k}": mean(ild), f"category_coverage@{k}": mean(categories), f"brand_coverage@{k}": mean(brands)}
+
+
+def diversity_spec(args: argparse.Namespace, method: str | None = None, strength: float | None = None) -> DiversitySpec:
+    method = method or args.diversity
+    if strength is None:
+        strength = args.diversity_strength
+    if strength is None:
+        strength = 0.0 if method == "none" else DEFAULT_STRENGTH
+    return DiversitySpec(
+        method=DiversityMethod(method),
+        strength=float(strength),
+        max_per_category=args.max_per_category,
+        max_per_brand=args.max_per_brand,
+    )
+
+
+def tradeoff(
+    release: Release,
+    ranker: Ranker,
+    queries: Sequence[str],
+    judged: Mapping[str, Mapping[str, float]],
+    args: argparse.Namespace,
+    *,
+    strengths: Sequence[float] = TRADEOFF_STRENGTHS,
+) -> list[dict[str, Any]]:
+    """NDCG@10, Recall@100 and diversity per (method, strength); strength 0 is shared by both methods."""
+    rows: list[dict[str, Any]] = []
+    base: dict[str, Any] | None = None
+    for method in ("mmr", "dpp"):
+        for strength in strengths:
+            if strength <= 0 and base is not None:
+                rows.append({**base, "method": method})
+                continue
+            spec = diversity_spec(args, method, strength)
+            runs = asyncio.run(run_queries(ranker, queries, diversity=spec, progress=not args.quiet))
+            scored = score_runs(runs, judged)
+            row = {
+                "method": method,
+                "strength": strength,
+                "ndcg@10": scored["ndcg@10"],
+                "recall@100": scored["recall@100"],
+                "mrr": scored["mrr"],
+                **diversity_scores(release, runs),
+            }
+            if strength <= 0:
+                base = row
+            rows.append(row)
+    if base is not None:
+        for row in rows:
+            row["ndcg_change"] = row["ndcg@10"] / base["ndcg@10"] - 1.0 if base["ndcg@10"] else 0.0
+            row["ild_change"] = row["ild@10"] / base["ild@10"] - 1.0 if base["ild@10"] else 0.0
+    return rows
+
+
+def plot_tradeoff(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, colour in (("mmr", "#4c72b0"), ("dpp", "#dd8452")):
+        points = sorted((r for r in rows if r["method"] == method), key=lambda r: float(r["strength"]))
+        xs = [float(r["ild@10"]) for r in points]
+        ys = [float(r["ndcg@10"]) for r in points]
+        ax.plot(xs, ys, marker="o", color=colour, label=method.upper())
+        for r, x, y in zip(points, xs, ys, strict=True):
+            ax.annotate(f"{float(r['strength']):g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("ILD@10 (1 − mean pairwise cosine of the top 10)")
+    ax.set_ylabel("NDCG@10")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(title="method (points: strength)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _encoder_label(release: Release) -> str:
     return "fine-tuned" if release.manifest.encoder.extra.get("finetuned") else "pretrained"
 
@@ -125,6 +256,7 @@ def ablation(
     *,
     baseline: Release | None,
     quiet: bool,
+    diversity: DiversitySpec | None = None,
 ) -> list[dict[str, Any]]:
     rows = []
     if baseline is not None:
@@ -133,7 +265,7 @@ def ablation(
         label = f"dense ({_encoder_label(baseline)}, {baseline.manifest.release_id})"
         rows.append({"stage": label, **score_runs(runs, judged)})
     for stage, weights in STAGES.items():
-        runs = asyncio.run(run_queries(ranker, queries, weights=weights, progress=not quiet))
+        runs = asyncio.run(run_queries(ranker, queries, weights=weights, diversity=diversity, progress=not quiet))
         label = f"dense ({_encoder_label(release)})" if stage == "dense" else stage
         rows.append({"stage": label, **score_runs(runs, judged)})
     return rows
@@ -168,22 +300,39 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     judged = select_queries(args.judgments, args.split, seed)
     queries = list(judged)[: args.limit] if args.limit else list(judged)
     judged = {q: judged[q] for q in queries}
+    release, attributes, attribute_coverage = with_attributes(release)
     ranker = local_ranker(release)
+    spec = diversity_spec(args)
     start = time.perf_counter()
-    runs = asyncio.run(run_queries(ranker, queries, progress=not args.quiet))
+    runs = asyncio.run(run_queries(ranker, queries, diversity=spec, progress=not args.quiet))
     elapsed = time.perf_counter() - start
     result: dict[str, Any] = {
         "release_id": release.manifest.release_id,
         "split": args.split,
         "seed": seed,
         **score_runs(runs, judged),
+        **diversity_scores(release, runs),
+        "attributes": attributes,
+        "attribute_coverage": attribute_coverage,
+        "diversity": {
+            "method": spec.method.value,
+            "strength": spec.strength,
+            "max_per_category": spec.max_per_category,
+            "max_per_brand": spec.max_per_brand,
+        },
         "ms_per_query": 1000.0 * elapsed / max(1, len(queries)),
     }
+    if args.tradeoff:
+        result["tradeoff"] = tradeoff(release, ranker, queries, judged, args, strengths=args.strengths)
+        name = "Home Depot" if "homedepot" in str(args.products) else "examples"
+        plot_tradeoff(result["tradeoff"], args.tradeoff, f"{name} {args.split} split, {result['queries']} queries")
     if args.ablation or args.plot:
         baseline = Release.load(args.baseline) if args.baseline else None
         if baseline is not None:
             check_products(baseline, args.products)
-        result["ablation"] = ablation(release, ranker, queries, judged, baseline=baseline, quiet=args.quiet)
+        result["ablation"] = ablation(
+            release, ranker, queries, judged, baseline=baseline, quiet=args.quiet, diversity=spec
+        )
         if args.plot:
             title = (
                 f"Home Depot {args.split} split, {result['queries']} queries"
@@ -203,6 +352,18 @@ def print_table(result: Mapping[str, Any]) -> None:
             f"{row[m]:.3f} [{row['ci95'][m][0]:.3f}, {row['ci95'][m][1]:.3f}]" for m in ("ndcg@10", "recall@100", "mrr")
         ]
         print(f"{row['stage']:<44} " + " ".join(f"{c:>22}" for c in cells))
+    spec = result["diversity"]
+    print(
+        f"diversity {spec['method']} (strength {spec['strength']:g}): ILD@10 {result['ild@10']:.3f}, "
+        f"category coverage@10 {result['category_coverage@10']:.2f}, brand coverage@10 "
+        f"{result['brand_coverage@10']:.2f} (attributes {result['attributes']})"
+    )
+    for row in result.get("tradeoff", []):
+        print(
+            f"  {row['method']:<4} {row['strength']:<4g} NDCG@10 {row['ndcg@10']:.4f} ({row['ndcg_change']:+.1%})  "
+            f"ILD@10 {row['ild@10']:.4f} ({row['ild_change']:+.1%})  categories {row['category_coverage@10']:.2f}  "
+            f"brands {row['brand_coverage@10']:.2f}"
+        )
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -221,6 +382,30 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--ablation", action="store_true", help="also score BM25, dense, RRF and ranker stages")
     parser.add_argument("--baseline", type=Path, help="with --ablation: a release whose dense stage is a row too")
     parser.add_argument("--plot", type=Path, help="write a PNG of NDCG@10 per stage (implies --ablation)")
+    parser.add_argument(
+        "--diversity",
+        choices=[m.value for m in DiversityMethod],
+        default="none",
+        help="diversify every query's top k with this method (ranker.diversity)",
+    )
+    parser.add_argument(
+        "--diversity-strength",
+        type=float,
+        help=f"0 = pure relevance .. 1 = pure diversity (default {DEFAULT_STRENGTH} with a method)",
+    )
+    parser.add_argument("--max-per-category", type=int, default=0, help="cap per category in the top k (0: none)")
+    parser.add_argument("--max-per-brand", type=int, default=0, help="cap per brand in the top k (0: none)")
+    parser.add_argument(
+        "--tradeoff",
+        type=Path,
+        help=f"sweep MMR and DPP strengths {list(TRADEOFF_STRENGTHS)}: PNG of NDCG@10 vs ILD@10, rows in the JSON",
+    )
+    parser.add_argument(
+        "--strengths",
+        type=lambda text: tuple(float(v) for v in text.split(",")),
+        default=TRADEOFF_STRENGTHS,
+        help="with --tradeoff: comma-separated strengths to sweep",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser.parse_args(argv)

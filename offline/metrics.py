@@ -88,9 +88,7 @@ def evaluate(
     return {"queries": count, **{name: float(v.mean()) if count else 0.0 for name, v in values.items()}}
 
 
-def bootstrap_ci(
-    values: np.ndarray, *, samples: int = 1000, level: float = 0.95, seed: int = 0
-) -> tuple[float, float]:
+def bootstrap_ci(values: np.ndarray, *, samples: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap confidence interval of the mean, resampling queries with replacement."""
     values = np.asarray(values, dtype=np.float64)
     if len(values) == 0:
@@ -100,3 +98,25 @@ def bootstrap_ci(
     tail = (1.0 - level) / 2.0
     low, high = np.quantile(means, [tail, 1.0 - tail])
     return (float(low), float(high))
+
+
+def ild_at_k(embeddings: np.ndarray, k: int = 10) -> float:
+    """Intra-list diversity of the top k: 1 − mean pairwise cosine similarity of their embeddings.
+
+    Rows are L2-normalised first (a zero row stays zero). 0 for fewer than two items; identical
+    items give 0, orthogonal ones 1 (and anti-correlated ones up to 2).
+    """
+    x = np.asarray(embeddings, dtype=np.float64)[:k]
+    n = len(x)
+    if n < 2:
+        return 0.0
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    x = x / np.where(norms > 0, norms, 1.0)
+    sims = x @ x.T
+    mean_pairwise = (sims.sum() - np.trace(sims)) / (n * (n - 1))
+    return float(1.0 - mean_pairwise)
+
+
+def coverage_at_k(values: Sequence[str | None], k: int = 10) -> int:
+    """How many distinct non-null values (categories, brands) the top k shows: a count, 0..k, not a share."""
+    return len({v for v in list(values)[:k] if v is not None})

@@ -73,3 +73,16 @@ def test_a_different_catalog_is_refused(example_release: Path, tmp_path: Path) -
     ]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert done.returncode != 0 and "evaluate the release built from this catalog" in done.stderr
+
+
+def test_mmr_diversifies_the_top_10_at_a_small_cost(example_release: Path) -> None:
+    plain = evaluate(example_release, "--split", "dev")
+    mmr = evaluate(example_release, "--split", "dev", "--diversity", "mmr", "--diversity-strength", "0.5")
+    assert plain["attributes"] == mmr["attributes"] == "given"  # the example catalog has categories and brands
+    assert mmr["diversity"] == {"method": "mmr", "strength": 0.5, "max_per_category": 0, "max_per_brand": 0}
+    # The same queries, a more varied top 10: less similar items, more categories and brands.
+    assert mmr["queries"] == plain["queries"]
+    assert float(mmr["ild@10"]) > float(plain["ild@10"])  # type: ignore[arg-type]
+    assert float(mmr["category_coverage@10"]) > float(plain["category_coverage@10"])  # type: ignore[arg-type]
+    assert float(mmr["brand_coverage@10"]) >= float(plain["brand_coverage@10"])  # type: ignore[arg-type]
+    assert 0 < float(mmr["ndcg@10"]) < float(plain["ndcg@10"])  # type: ignore[arg-type]
