@@ -1,6 +1,7 @@
 """`python -m offline.export`: build a complete, checked release folder from a catalog (and judgments).
 
-Stages: load data -> analyse titles -> BM25 index -> export + check the ONNX encoder -> embed the
+Stages: load data -> analyse titles -> BM25 index -> fine-tune the encoder on the train split (with
+judgments; cached and resumable, see offline.train_encoder) -> export + check the ONNX encoder -> embed the
 catalog with that ONNX file -> FAISS index -> train (or fall back) and export the ranker -> Triton
 model repository -> items, manifest. Everything is written into a hidden sibling of --out and
 renamed into place at the very end, so a reader never sees a half-written release.
@@ -26,11 +27,13 @@ import numpy as np
 import polars as pl
 import torch
 
-from offline import data, encoder, train_ranker
+from offline import data, encoder, gate, train_encoder, train_ranker
+from offline.attributes import fill_attributes
 from offline.triton_repo import write_model_repository
 from ranker import release as layout
 from ranker.features import FEATURE_NAMES
 from ranker.models import OnnxEncoder
+from ranker.policy import POLICY_FILE, load_policy
 from ranker.retrieval import Analyzer, DenseIndex, HybridRetriever, LexicalIndex
 
 MODEL_VERSION = 1
@@ -40,7 +43,21 @@ PARITY_TITLES = 40
 HNSW_THRESHOLD = 20_000
 HNSW_M = 32
 EF_CONSTRUCTION = 80
+DEFAULT_CACHE = Path.home() / ".cache" / "ranker" / "encoders"
 STAGING_PREFIX = ".staging-"
+DEFAULT_POLICY_TOML = """\
+# Ranking policy of this release (see docs/ranking-policy.md); RANKER_POLICY_FILE replaces it.
+# Keys left out keep the service's defaults: every other signal has weight 0.
+max_weight = 10.0
+max_rule_amount = 100.0
+
+[signals.ranker]
+weight = 1.0
+normalization = "identity"
+
+[diversity]
+method = "none"
+"""
 RETIRED_PREFIX = ".retired-"
 
 
@@ -71,6 +88,34 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
     parser.add_argument("--seed", type=int, default=13, help="train/dev split and training seed")
     parser.add_argument("--limit", type=int, help="use only the first N catalog rows (quick tests)")
+    parser.add_argument("--policy", type=Path, help="ranking policy TOML to ship (default: the service defaults)")
+    parser.add_argument(
+        "--allow-regression",
+        action="store_true",
+        help="publish even when dev NDCG@10 is worse than the release being replaced (see offline.gate)",
+    )
+    encoders = parser.add_argument_group("text encoder")
+    encoders.add_argument("--encoder", type=Path, help="a fine-tuned Hugging Face model folder to export as is")
+    encoders.add_argument(
+        "--finetune",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fine-tune the encoder on the train split (default: yes when --judgments is given and no --encoder)",
+    )
+    encoders.add_argument(
+        "--finetune-minutes",
+        type=float,
+        default=60.0,
+        help="time budget; when reached, training stops at a checkpoint and the partly trained model is exported "
+        "(re-running the same export resumes it)",
+    )
+    defaults = train_encoder.TrainConfig()
+    encoders.add_argument("--finetune-epochs", type=int, default=defaults.epochs)
+    encoders.add_argument("--finetune-batch-size", type=int, default=defaults.batch_size)
+    encoders.add_argument("--finetune-device", choices=("cpu", "cuda"), default="cpu")
+    encoders.add_argument(
+        "--cache-dir", type=Path, default=DEFAULT_CACHE, help="fine-tuning checkpoints, one folder per data+config key"
+    )
     return parser.parse_args(argv)
 
 
@@ -82,6 +127,17 @@ def file_hashes(root: Path) -> dict[str, str]:
     """sha256 of every file under root, by POSIX path relative to it, sorted."""
     files = sorted(p for p in root.rglob("*") if p.is_file())
     return {p.relative_to(root).as_posix(): layout.sha256_file(p) for p in files}
+
+
+def finetune_key(data_info: dict[str, Any], config: train_encoder.TrainConfig) -> str:
+    """Checkpoint folder name: sha256 of the catalog and judgments files, the catalog limit and the config."""
+    payload = {
+        "catalog_sha256": data_info["catalog_sha256"],
+        "catalog_limit": data_info["catalog_limit"],
+        "judgments_sha256": data_info["judgments_sha256"],
+        "config": config.as_dict(),
+    }
+    return sha256_bytes(json.dumps(payload, sort_keys=True).encode())[:16]
 
 
 def parity_sample(titles: Sequence[str], n: int = PARITY_TITLES) -> list[str]:
@@ -122,8 +178,16 @@ class Exporter:
             lexical = LexicalIndex.build(tokens)
             (self.staging / layout.LEXICAL_DIR).mkdir()
             lexical.save(self.staging / layout.LEXICAL_DIR)
-        enc = self.export_encoder(titles)
+        model_dir = self.encoder_model(items, judgments)
+        enc = self.export_encoder(titles, model_dir)
         dense = self.dense_index(enc, titles)
+        with self.stages("attributes"):
+            # Brand and category for catalogs without them (filters, caps, diversity metrics).
+            items, self.manifest["data"]["attributes"] = fill_attributes(items, np.asarray(dense.embeddings))
+            items.write_parquet(self.staging / layout.ITEMS)
+        if judgments is not None and self.finetuned is not None:
+            with self.stages("dense_dev_metrics"):
+                self.dense_dev_metrics(items, judgments, enc, dense)
         corpus = train_ranker.Corpus(
             item_ids=items["item_id"].to_list(), tokens=tokens, retriever=HybridRetriever(dense, lexical)
         )
@@ -132,6 +196,12 @@ class Exporter:
             onnx_files = {layout.ENCODER_MODEL: enc.onnx_file, layout.RANKER_MODEL: ranker_onnx}
             write_model_repository(self.staging / layout.MODEL_REPOSITORY, onnx_files, version=MODEL_VERSION)
             shutil.rmtree(self.scratch)
+        with self.stages("policy"):
+            self.write_policy()
+        self.manifest["gate"] = gate.check(
+            self.manifest, self.args.out.resolve(), allow_regression=self.args.allow_regression
+        ).as_manifest()
+        print(f"  release gate: {self.manifest['gate']['decision']} ({self.manifest['gate']['reason']})")
         with self.stages("manifest"):
             self.write_manifest(items)
         return self.manifest
@@ -159,10 +229,103 @@ class Exporter:
         print(f"  {items.height} items" + (f", {judgments.height} judged pairs" if judgments is not None else ""))
         return items, judgments
 
-    def export_encoder(self, titles: Sequence[str]) -> encoder.EncoderExport:
+    def encoder_model(self, items: pl.DataFrame, judgments: pl.DataFrame | None) -> Path | None:
+        """The HF folder to export: --encoder, a (cached) fine-tune, or None for the pretrained model."""
+        args = self.args
+        self.finetuned: train_encoder.FinetuneResult | None = None
+        self.encoder_info: dict[str, Any] = {"finetuned": False}
+        if args.encoder is not None:
+            if not (args.encoder / "config.json").is_file():
+                raise ExportError(f"--encoder {args.encoder} is not a Hugging Face model folder (no config.json)")
+            self.encoder_info = {"finetuned": True, "source": str(args.encoder)}
+            return Path(args.encoder)
+        wanted = args.finetune if args.finetune is not None else judgments is not None
+        if not wanted:
+            return None
+        if judgments is None or judgments.height == 0:
+            raise ExportError("--finetune needs --judgments with items in the catalog")
+        config = train_encoder.TrainConfig(
+            seed=args.seed, epochs=args.finetune_epochs, batch_size=args.finetune_batch_size
+        )
+        key = finetune_key(self.manifest["data"], config)
+        folder = args.cache_dir.expanduser() / key
+        print(f"  fine-tuning checkpoint folder: {folder}", flush=True)
+        split = data.split_queries(judgments, args.seed)
+        with self.stages("finetune_encoder"):
+            try:
+                self.finetuned = train_encoder.finetune(
+                    items,
+                    split.train,
+                    folder,
+                    config,
+                    device=args.finetune_device,
+                    max_minutes=args.finetune_minutes,
+                    pretrained_cache=self._pretrained_cache(items.height),
+                )
+            except ValueError as e:
+                raise ExportError(f"fine-tuning failed: {e}") from e
+        result = self.finetuned
+        self.encoder_info = {
+            "finetuned": True,
+            "checkpoint_key": key,
+            "checkpoint_dir": str(folder),
+            "training": {
+                **config.as_dict(),
+                "objective": "InfoNCE (scale x cosine), in-batch + hard negatives (judged rel < 2, BM25, "
+                "pretrained-dense), loss weighted by the positive's gain (relevance - 1)",
+                "split": "train queries of data.split_queries(seed) only",
+                "complete": result.complete,
+                "steps": result.steps,
+                "total_steps": result.total_steps,
+                "train_queries": result.train_examples,
+                "train_seconds": result.train_seconds,
+                "seconds_per_step": result.seconds_per_step,
+            },
+        }
+        if not result.complete:
+            print(f"  warning: fine-tuning stopped at step {result.steps}/{result.total_steps}; re-run to resume")
+        return result.model_dir
+
+    def _pretrained_cache(self, num_items: int) -> np.ndarray | None:
+        """Pretrained catalog embeddings of a sibling release built from the same catalog, if any."""
+        parent = self.args.out.resolve().parent
+        for release in sorted(p for p in parent.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            cached = train_encoder.cached_pretrained_embeddings(release, self.args.catalog, self.args.limit, num_items)
+            if cached is not None:
+                print(f"  pretrained catalog embeddings for mining: reusing {release}")
+                return cached
+        return None
+
+    def dense_dev_metrics(
+        self, items: pl.DataFrame, judgments: pl.DataFrame, enc: encoder.EncoderExport, dense: DenseIndex
+    ) -> None:
+        """The dense retriever alone on the dev split (exact search): the exported encoder vs the pretrained one."""
+        assert self.finetuned is not None
+        split = data.split_queries(judgments, self.args.seed)
+        judged = train_encoder.qualifying(data.judgments_by_query(split.dev))
+        if not judged:
+            return
+        queries = list(judged)
+        item_ids = items["item_id"].to_list()
+        ours = encoder.embed_queries(self.encoder_session, enc.tokenizer_file, queries)
+        model, tokenizer = encoder.load_reference()
+        theirs = train_encoder.embed(
+            model, tokenizer, queries, max_tokens=encoder.MAX_QUERY_TOKENS, device="cpu", desc="embed dev (pretrained)"
+        )
+        pretrained_items = np.load(self.finetuned.model_dir.parent / train_encoder.PRETRAINED_ITEMS)
+        report = {
+            "pretrained": train_encoder.dense_dev_metrics(theirs, pretrained_items, item_ids, judged),
+            "finetuned": train_encoder.dense_dev_metrics(ours, np.asarray(dense.embeddings), item_ids, judged),
+        }
+        self.encoder_info["dense_dev_metrics"] = report
+        self.manifest["models"][layout.ENCODER_MODEL]["dense_dev_metrics"] = report
+        for name, values in report.items():
+            print(f"  dense-only dev {name}: {json.dumps(values)}")
+
+    def export_encoder(self, titles: Sequence[str], model_dir: Path | None) -> encoder.EncoderExport:
         with self.stages("encoder_export"):
             enc = encoder.export_encoder(
-                self.scratch / "text_encoder.onnx", self.staging / layout.TOKENIZER, parity_sample(titles)
+                self.scratch / "text_encoder.onnx", self.staging / layout.TOKENIZER, parity_sample(titles), model_dir
             )
         print(f"  ONNX vs torch max abs diff {enc.parity_max_abs_diff:.2e}")
         self.manifest.setdefault("models", {})[layout.ENCODER_MODEL] = {
@@ -174,6 +337,7 @@ class Exporter:
             "pooling": "mean, L2-normalised",
             "opset": encoder.OPSET,
             "parity_max_abs_diff": enc.parity_max_abs_diff,
+            **self.encoder_info,
         }
         return enc
 
@@ -272,6 +436,16 @@ class Exporter:
             "label": "relevance - 1 for judged candidates, 0 for unjudged",
         }
 
+    def write_policy(self) -> None:
+        """The release's ranking policy: --policy (validated), else the service defaults spelled out."""
+        target = self.staging / POLICY_FILE
+        if self.args.policy is not None:
+            load_policy(self.args.policy)  # refuse a bad policy now, not when the service loads it
+            shutil.copyfile(self.args.policy, target)
+        else:
+            target.write_text(DEFAULT_POLICY_TOML)
+        self.manifest["policy"] = str(self.args.policy) if self.args.policy else "defaults"
+
     def write_manifest(self, items: pl.DataFrame) -> None:
         files = file_hashes(self.staging)
         now = datetime.now(UTC)
@@ -326,6 +500,11 @@ def summary(out: Path, manifest: dict[str, Any], total_s: float) -> str:
         f"  encoder parity {manifest['models'][layout.ENCODER_MODEL]['parity_max_abs_diff']:.2e}, "
         f"ranker parity {ranker['parity_max_abs_diff']:.2e}",
     ]
+    text_encoder = manifest["models"][layout.ENCODER_MODEL]
+    if text_encoder.get("finetuned"):
+        lines.append(f"  encoder fine-tuned ({text_encoder.get('checkpoint_dir') or text_encoder.get('source')})")
+        for name, values in text_encoder.get("dense_dev_metrics", {}).items():
+            lines.append(f"  dense-only dev {name}: {json.dumps(values)}")
     dev = manifest["metrics"].get("dev")
     if dev:
         lines.append(f"  dev: {json.dumps({k: v for k, v in dev.items() if k.startswith('dev_')})}")
@@ -342,7 +521,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         out, manifest = export(args)
-    except (ExportError, data.DataError, encoder.ParityError) as e:
+    except (ExportError, data.DataError, encoder.ParityError, gate.GateRefused) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(summary(out, manifest, time.perf_counter() - start))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +32,8 @@ def run_export(*args: str | Path) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def released(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("releases") / "demo"
-    done = run_export("--catalog", CATALOG, "--judgments", JUDGMENTS, "--out", out)
+    # The pretrained encoder: the tests below compare the ONNX file with it (fine-tuning has its own test).
+    done = run_export("--catalog", CATALOG, "--judgments", JUDGMENTS, "--out", out, "--no-finetune")
     assert done.returncode == 0, done.stderr[-4000:]
     return out
 
@@ -47,6 +49,10 @@ def test_manifest_is_what_the_service_reads(released: Path) -> None:
     assert manifest.features == FEATURE_NAMES
     assert manifest.items == 409
     assert manifest.embedding_dim == 384 and manifest.max_query_tokens == 32
+    assert raw["models"]["text_encoder"]["finetuned"] is False
+    assert raw["gate"]["decision"] == "first release"
+    assert raw["data"]["attributes"]["brand"]["coverage"] > 0.9  # the example catalog gives brands
+    assert (released / "policy.toml").is_file() and raw["policy"] == "defaults"
     ranker = raw["models"]["ranker"]
     assert ranker["kind"] == "mlp-listnet"
     assert (ranker["dense_k"], ranker["lexical_k"]) == (400, 400)
@@ -147,3 +153,61 @@ def test_publish_replaces_only_with_force(tmp_path: Path) -> None:
     export.publish(staging, out, force=True)
     assert [p.name for p in out.iterdir()] == ["new"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+@pytest.mark.slow
+def test_finetune_checkpoints_resumes_and_is_exported(tmp_path: Path) -> None:
+    import torch
+
+    from offline.encoder import load_reference
+
+    cache, out = tmp_path / "cache", tmp_path / "releases" / "ft"
+    common = ("--catalog", CATALOG, "--judgments", JUDGMENTS, "--out", out, "--cache-dir", cache, "--force")
+    tiny = ("--finetune-epochs", "2", "--finetune-batch-size", "16")
+    # A budget shorter than one step: training stops at a checkpoint and the partial model is exported.
+    first = run_export(*common, *tiny, "--finetune-minutes", "0.001")
+    assert first.returncode == 0, first.stderr[-4000:]
+    encoder_info = manifest_of(out)["models"]["text_encoder"]
+    assert encoder_info["finetuned"] is True
+    assert encoder_info["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    training = encoder_info["training"]
+    assert (training["complete"], training["steps"]) == (False, 1)
+    folder = cache / encoder_info["checkpoint_key"]
+    assert (folder / "checkpoint.pt").is_file() and (folder / "model" / "config.json").is_file()
+    assert set(encoder_info["dense_dev_metrics"]) == {"pretrained", "finetuned"}
+
+    # The same export again resumes from that checkpoint and finishes; a third run reuses the result.
+    second = run_export(*common, *tiny)
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert "resuming at step 1/" in second.stdout
+    training = manifest_of(out)["models"]["text_encoder"]["training"]
+    assert training["complete"] is True and training["steps"] == training["total_steps"] > 1
+    third = run_export(*common, *tiny)
+    assert third.returncode == 0, third.stderr[-4000:]
+    assert "already complete" in third.stdout
+    assert manifest_of(out)["models"]["text_encoder"]["checkpoint_key"] == encoder_info["checkpoint_key"]
+
+    # The release's ONNX encoder is the fine-tuned model, not the pretrained one.
+    ids, mask = QueryTokenizer(out / layout.TOKENIZER, 32)(QUERIES)
+    onnx = OnnxEncoder(out / "triton_models/text_encoder/1/model.onnx").encode_sync(ids, mask)
+    with torch.no_grad():
+        tuned = load_reference(folder / "model")[0](torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+        pretrained = load_reference()[0](torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+    assert np.abs(onnx - tuned).max() < 1e-4
+    assert np.abs(onnx - pretrained).max() > 1e-3
+
+
+@pytest.mark.slow
+def test_gate_refuses_a_dev_regression_unless_overridden(released: Path, tmp_path: Path) -> None:
+    out = tmp_path / "current"
+    shutil.copytree(released, out)
+    current = manifest_of(out)
+    current["metrics"]["dev"]["dev_ndcg@10"] = 1.0  # a release no retraining can beat
+    (out / layout.MANIFEST).write_text(json.dumps(current))
+    common = ("--catalog", CATALOG, "--judgments", JUDGMENTS, "--out", out, "--force", "--no-finetune")
+    refused = run_export(*common)
+    assert refused.returncode != 0 and "refusing to publish" in refused.stderr + refused.stdout
+    assert manifest_of(out)["release_id"] == current["release_id"]  # the current release is untouched
+    overridden = run_export(*common, "--allow-regression")
+    assert overridden.returncode == 0, overridden.stderr[-3000:]
+    assert manifest_of(out)["gate"]["decision"] == "overridden"
