@@ -21,16 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ranker.bench_stages import percentiles, time_sync
 from ranker.features import NUM_FEATURES
 from ranker.models import OnnxEncoder, OnnxScorer, QueryTokenizer
 from ranker.release import TOKENIZER, read_manifest
 from ranker.triton import TritonEncoder, TritonModels, TritonScorer
 from ranker.tritonserver import LocalTritonServer
-
-
-def percentiles(samples_ms: Sequence[float]) -> dict[str, float]:
-    values = np.asarray(samples_ms)
-    return {f"p{q}_ms": float(np.percentile(values, q)) for q in (50, 90, 99)}
 
 
 async def time_async(call: Callable[[], Awaitable[object]], repeats: int) -> list[float]:
@@ -40,17 +36,6 @@ async def time_async(call: Callable[[], Awaitable[object]], repeats: int) -> lis
     for _ in range(repeats):
         start = time.perf_counter()
         await call()
-        samples.append((time.perf_counter() - start) * 1000.0)
-    return samples
-
-
-def time_sync(call: Callable[[], object], repeats: int) -> list[float]:
-    for _ in range(min(20, repeats)):
-        call()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
         samples.append((time.perf_counter() - start) * 1000.0)
     return samples
 

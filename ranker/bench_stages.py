@@ -22,16 +22,25 @@ from ranker import blending, diversity, features
 from ranker.domain import DiversityMethod, DiversitySpec
 
 
-def percentiles(call: Callable[[], object], repeats: int) -> dict[str, float]:
-    for _ in range(min(10, repeats)):
+def time_sync(call: Callable[[], object], repeats: int) -> list[float]:
+    """Milliseconds per call, after a short warm-up."""
+    for _ in range(min(20, repeats)):
         call()
     samples = []
     for _ in range(repeats):
         start = time.perf_counter()
         call()
         samples.append((time.perf_counter() - start) * 1000.0)
-    values = np.asarray(samples)
-    return {"p50_ms": float(np.percentile(values, 50)), "p99_ms": float(np.percentile(values, 99))}
+    return samples
+
+
+def percentiles(samples_ms: Sequence[float]) -> dict[str, float]:
+    values = np.asarray(samples_ms)
+    return {f"p{q}_ms": float(np.percentile(values, q)) for q in (50, 90, 99)}
+
+
+def timed(call: Callable[[], object], repeats: int) -> dict[str, float]:
+    return percentiles(time_sync(call, repeats))
 
 
 def sample(args: argparse.Namespace) -> tuple[np.ndarray, list[list[str]], list[str | None], list[str | None]]:
@@ -75,11 +84,11 @@ def bench(args: argparse.Namespace) -> dict[str, object]:
     def select(spec: DiversitySpec) -> Callable[[], object]:
         return lambda: diversity.select(relevance, emb, spec, args.top_k, cats, brands)
 
-    result["diversity"] = {name: percentiles(select(spec), args.repeats) for name, spec in specs.items()}
+    result["diversity"] = {name: timed(select(spec), args.repeats) for name, spec in specs.items()}
     signals = {"ranker": relevance, "dense": rng.uniform(size=n), "lexical": rng.uniform(size=n) * 10}
-    result["blend"] = percentiles(lambda: blending.blend(signals, blending.DEFAULT_POLICY), args.repeats)
+    result["blend"] = timed(lambda: blending.blend(signals, blending.DEFAULT_POLICY), args.repeats)
     query = tokens[0][:3]
-    result["features"] = percentiles(
+    result["features"] = timed(
         lambda: features.assemble(query, tokens, rng.uniform(size=n), rng.uniform(size=n)), args.repeats
     )
     return result

@@ -185,6 +185,30 @@ def test_rules_through_the_server(stub: ranker_pb2_grpc.RankerStub) -> None:
     assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "rules[0].amount" in caught.value.details()
 
 
+def test_bench_cli_drives_real_traffic(ranker_target: str) -> None:
+    import subprocess
+    import sys
+
+    command = [
+        sys.executable,
+        "-m",
+        "ranker.bench",
+        "--target",
+        ranker_target,
+        "--queries",
+        str(EXAMPLES / "judgments.csv"),
+        "--concurrency",
+        "1,4",
+        "--duration",
+        "1",
+        "--json",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, check=True, timeout=120)
+    levels = json.loads(done.stdout)["levels"]
+    assert [level["concurrency"] for level in levels] == [1, 4]
+    assert all(level["requests"] > 0 and level["errors"] == 0 for level in levels)
+
+
 def test_rank_degrades_while_triton_is_down_and_recovers(
     stub: ranker_pb2_grpc.RankerStub, triton: LocalTritonServer
 ) -> None:
