@@ -97,16 +97,16 @@ def build_ranker(release: Release, models: TritonModels, settings: Settings) -> 
     )
 
 
-async def warm_up(ranker: Ranker, rounds: int = 3) -> None:
+async def warm_up(ranker: Ranker, timeout: float, rounds: int = 3) -> None:
     """Run a few Rank calls before reporting SERVING: first inferences pay for lazy initialisation."""
     sample = " ".join(ranker.release.catalog.titles[0].split()[:3]) or "warm up"
     for i in range(rounds):
-        result = await ranker.rank(RankQuery(request_id=f"warm-up-{i}", query=sample, top_k=10), timeout=30.0)
+        result = await ranker.rank(RankQuery(request_id=f"warm-up-{i}", query=sample, top_k=10), timeout=timeout)
     if result.degraded:
         log.warning("warm-up answered degraded: %s", result.degraded_reason)
 
 
-async def serve(settings: Settings, *, ready: Callable[[int], None] | None = None) -> None:
+async def serve(settings: Settings) -> None:
     """Load the release, connect to Triton, serve until SIGTERM/SIGINT, then drain and stop."""
     if settings.release is None:
         raise SystemExit("no release: pass --release DIR or set RANKER_RELEASE")
@@ -126,7 +126,7 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
                 # Serve anyway: Rank degrades to lexical retrieval until Triton is back.
                 log.warning("starting without Triton: %s", e)
             ranker = build_ranker(release, models, settings)
-            await warm_up(ranker)
+            await warm_up(ranker, settings.triton_timeout_s)
             running = await start_server(settings, lambda: ranker)
             log.info(
                 "ranker.v1.Ranker serving on %s:%d (release %s, triton %s)",
@@ -135,8 +135,6 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
                 release.manifest.release_id,
                 url,
             )
-            if ready is not None:
-                ready(running.port)
             await _wait_for_signal()
             log.info("stopping: draining in-flight RPCs for up to %.1fs", settings.grace_s)
             await running.stop(settings.grace_s)
