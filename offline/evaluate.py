@@ -79,10 +79,7 @@ def local_ranker(release: Release, *, dense_k: int | None = None, lexical_k: int
         encoder=CachingEncoder(OnnxEncoder(onnx(ENCODER_MODEL, manifest.encoder.version))),
         scorer=OnnxScorer(onnx(RANKER_MODEL, manifest.ranker.version)),
         tokenizer=QueryTokenizer(release.path / TOKENIZER, manifest.max_query_tokens),
-        settings=PipelineSettings(
-            dense_k=dense_k or int(manifest.ranker.extra.get("dense_k", 400)),
-            lexical_k=lexical_k or int(manifest.ranker.extra.get("lexical_k", 400)),
-        ),
+        settings=PipelineSettings.for_release(manifest, dense_k=dense_k, lexical_k=lexical_k),
     )
 
 

@@ -18,16 +18,28 @@ from ranker import blending, diversity, features, rules
 from ranker.domain import DiversitySpec, RankQuery, RankResult, ScoreComponent, ScoredItem
 from ranker.errors import BackendError, InvalidArgument
 from ranker.models import Encoder, QueryTokenizer, Scorer
-from ranker.release import Release
+from ranker.release import Manifest, Release
 from ranker.retrieval import Candidates, union_rows
 
 log = logging.getLogger(__name__)
+
+DEFAULT_DEPTH = 400  # candidates per retriever for a manifest that does not record its depths
 
 
 @dataclass(frozen=True, kw_only=True)
 class PipelineSettings:
     dense_k: int
     lexical_k: int
+
+    @classmethod
+    def for_release(
+        cls, manifest: Manifest, *, dense_k: int | None = None, lexical_k: int | None = None
+    ) -> PipelineSettings:
+        """The candidate depths the release's ranker was trained with, unless overridden."""
+        return cls(
+            dense_k=dense_k or int(manifest.ranker.extra.get("dense_k", DEFAULT_DEPTH)),
+            lexical_k=lexical_k or int(manifest.ranker.extra.get("lexical_k", DEFAULT_DEPTH)),
+        )
 
 
 class _Stopwatch:

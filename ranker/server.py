@@ -90,10 +90,7 @@ def build_ranker(release: Release, models: TritonModels, settings: Settings) -> 
         encoder=TritonEncoder(models, model=manifest.encoder.name, version=manifest.encoder.version),
         scorer=TritonScorer(models, model=manifest.ranker.name, version=manifest.ranker.version),
         tokenizer=QueryTokenizer(release.path / TOKENIZER, manifest.max_query_tokens),
-        settings=PipelineSettings(
-            dense_k=settings.dense_k or int(manifest.ranker.extra.get("dense_k", 400)),
-            lexical_k=settings.lexical_k or int(manifest.ranker.extra.get("lexical_k", 400)),
-        ),
+        settings=PipelineSettings.for_release(manifest, dense_k=settings.dense_k, lexical_k=settings.lexical_k),
     )
 
 
