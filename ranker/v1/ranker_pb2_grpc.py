@@ -40,6 +40,26 @@ class RankerStub:
                 request_serializer=ranker_dot_v1_dot_ranker__pb2.RankRequest.SerializeToString,
                 response_deserializer=ranker_dot_v1_dot_ranker__pb2.RankResponse.FromString,
                 _registered_method=True)
+        self.RecordEvents = channel.unary_unary(
+                '/ranker.v1.Ranker/RecordEvents',
+                request_serializer=ranker_dot_v1_dot_ranker__pb2.RecordEventsRequest.SerializeToString,
+                response_deserializer=ranker_dot_v1_dot_ranker__pb2.RecordEventsResponse.FromString,
+                _registered_method=True)
+        self.ForgetUser = channel.unary_unary(
+                '/ranker.v1.Ranker/ForgetUser',
+                request_serializer=ranker_dot_v1_dot_ranker__pb2.ForgetUserRequest.SerializeToString,
+                response_deserializer=ranker_dot_v1_dot_ranker__pb2.ForgetUserResponse.FromString,
+                _registered_method=True)
+        self.UpsertItems = channel.unary_unary(
+                '/ranker.v1.Ranker/UpsertItems',
+                request_serializer=ranker_dot_v1_dot_ranker__pb2.UpsertItemsRequest.SerializeToString,
+                response_deserializer=ranker_dot_v1_dot_ranker__pb2.UpsertItemsResponse.FromString,
+                _registered_method=True)
+        self.DeleteItems = channel.unary_unary(
+                '/ranker.v1.Ranker/DeleteItems',
+                request_serializer=ranker_dot_v1_dot_ranker__pb2.DeleteItemsRequest.SerializeToString,
+                response_deserializer=ranker_dot_v1_dot_ranker__pb2.DeleteItemsResponse.FromString,
+                _registered_method=True)
 
 
 class RankerServicer:
@@ -54,6 +74,37 @@ class RankerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecordEvents(self, request, context):
+        """Record shopper behaviour. Each valid event updates its user's profile before the reply, so the
+        very next Rank for that user sees it. Idempotent by event_id. Invalid events are rejected one by
+        one with a reason; the valid events of the same batch are applied.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForgetUser(self, request, context):
+        """Delete everything stored about a user: profile, recent items, event ids.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpsertItems(self, request, context):
+        """Add or replace catalog items online: the text is embedded by the Triton text encoder and the item
+        is indexed (ANN and lexical) before the reply, so the next Rank can return it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteItems(self, request, context):
+        """Remove catalog items online: they are never returned again, by any later Rank.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RankerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -61,6 +112,26 @@ def add_RankerServicer_to_server(servicer, server):
                     servicer.Rank,
                     request_deserializer=ranker_dot_v1_dot_ranker__pb2.RankRequest.FromString,
                     response_serializer=ranker_dot_v1_dot_ranker__pb2.RankResponse.SerializeToString,
+            ),
+            'RecordEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordEvents,
+                    request_deserializer=ranker_dot_v1_dot_ranker__pb2.RecordEventsRequest.FromString,
+                    response_serializer=ranker_dot_v1_dot_ranker__pb2.RecordEventsResponse.SerializeToString,
+            ),
+            'ForgetUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForgetUser,
+                    request_deserializer=ranker_dot_v1_dot_ranker__pb2.ForgetUserRequest.FromString,
+                    response_serializer=ranker_dot_v1_dot_ranker__pb2.ForgetUserResponse.SerializeToString,
+            ),
+            'UpsertItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpsertItems,
+                    request_deserializer=ranker_dot_v1_dot_ranker__pb2.UpsertItemsRequest.FromString,
+                    response_serializer=ranker_dot_v1_dot_ranker__pb2.UpsertItemsResponse.SerializeToString,
+            ),
+            'DeleteItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteItems,
+                    request_deserializer=ranker_dot_v1_dot_ranker__pb2.DeleteItemsRequest.FromString,
+                    response_serializer=ranker_dot_v1_dot_ranker__pb2.DeleteItemsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -91,6 +162,191 @@ class Ranker:
             '/ranker.v1.Ranker/Rank',
             ranker_dot_v1_dot_ranker__pb2.RankRequest.SerializeToString,
             ranker_dot_v1_dot_ranker__pb2.RankResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ranker.v1.Ranker/RecordEvents',
+            ranker_dot_v1_dot_ranker__pb2.RecordEventsRequest.SerializeToString,
+            ranker_dot_v1_dot_ranker__pb2.RecordEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForgetUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ranker.v1.Ranker/ForgetUser',
+            ranker_dot_v1_dot_ranker__pb2.ForgetUserRequest.SerializeToString,
+            ranker_dot_v1_dot_ranker__pb2.ForgetUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpsertItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ranker.v1.Ranker/UpsertItems',
+            ranker_dot_v1_dot_ranker__pb2.UpsertItemsRequest.SerializeToString,
+            ranker_dot_v1_dot_ranker__pb2.UpsertItemsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ranker.v1.Ranker/DeleteItems',
+            ranker_dot_v1_dot_ranker__pb2.DeleteItemsRequest.SerializeToString,
+            ranker_dot_v1_dot_ranker__pb2.DeleteItemsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class RankerAdminStub:
+    """Operator RPCs; deployments expose them to operators only (token-authenticated).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.LoadRelease = channel.unary_unary(
+                '/ranker.v1.RankerAdmin/LoadRelease',
+                request_serializer=ranker_dot_v1_dot_ranker__pb2.LoadReleaseRequest.SerializeToString,
+                response_deserializer=ranker_dot_v1_dot_ranker__pb2.LoadReleaseResponse.FromString,
+                _registered_method=True)
+
+
+class RankerAdminServicer:
+    """Operator RPCs; deployments expose them to operators only (token-authenticated).
+    """
+
+    def LoadRelease(self, request, context):
+        """Load a release next to the serving one (models loaded into Triton and warmed up, indexes built),
+        then switch to it atomically; the old release is unloaded once its in-flight requests finish.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_RankerAdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'LoadRelease': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadRelease,
+                    request_deserializer=ranker_dot_v1_dot_ranker__pb2.LoadReleaseRequest.FromString,
+                    response_serializer=ranker_dot_v1_dot_ranker__pb2.LoadReleaseResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'ranker.v1.RankerAdmin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('ranker.v1.RankerAdmin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class RankerAdmin:
+    """Operator RPCs; deployments expose them to operators only (token-authenticated).
+    """
+
+    @staticmethod
+    def LoadRelease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ranker.v1.RankerAdmin/LoadRelease',
+            ranker_dot_v1_dot_ranker__pb2.LoadReleaseRequest.SerializeToString,
+            ranker_dot_v1_dot_ranker__pb2.LoadReleaseResponse.FromString,
             options,
             channel_credentials,
             insecure,
