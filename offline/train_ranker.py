@@ -53,6 +53,7 @@ class Corpus:
     """What retrieval needs about the catalog, row-aligned with the indexes."""
 
     item_ids: Sequence[str]
+    titles: Sequence[str]
     tokens: Sequence[Sequence[str]]
     retriever: HybridRetriever
 
@@ -78,7 +79,14 @@ def build_lists(
         tokens = analyzer.analyze(query)
         cand = corpus.retriever.retrieve(tokens, embedding, dense_k=DENSE_K, lexical_k=LEXICAL_K)
         ids = [corpus.item_ids[r] for r in cand.rows]
-        features = assemble(tokens, [corpus.tokens[r] for r in cand.rows], cand.dense, cand.bm25)
+        features = assemble(
+            query,
+            tokens,
+            [corpus.titles[r] for r in cand.rows],
+            [corpus.tokens[r] for r in cand.rows],
+            cand.dense,
+            cand.bm25,
+        )
         labels = np.array([max(judged[query].get(i, 1.0) - 1.0, 0.0) for i in ids], dtype=np.float32)
         lists.append(
             CandidateList(

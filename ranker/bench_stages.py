@@ -3,8 +3,9 @@
     python -m ranker.bench_stages --candidates 200 --top-k 20 --repeats 300 --json
     python -m ranker.bench_stages --release releases/homedepot --candidates 200 --json
 
-Times diversity selection (none, caps, MMR, DPP), blending and feature assembly on `candidates`
-items: the release's real embeddings and titles when --release is given, else random unit vectors.
+Times diversity selection (none, caps, MMR, DPP, max-sum by windows of 10), blending and feature
+assembly on `candidates` items: the release's real embeddings and titles when --release is given,
+else random unit vectors.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ranker import blending, diversity, features
-from ranker.domain import DiversityMethod, DiversitySpec
+from ranker.domain import DEFAULT_STRENGTH, DiversityMethod, DiversitySpec
 
 
 def time_sync(call: Callable[[], object], repeats: int) -> list[float]:
@@ -78,6 +79,10 @@ def bench(args: argparse.Namespace) -> dict[str, object]:
         "mmr": DiversitySpec(method=DiversityMethod.MMR, strength=args.strength),
         "dpp": DiversitySpec(method=DiversityMethod.DPP, strength=args.strength),
         "dpp+caps": DiversitySpec(method=DiversityMethod.DPP, strength=args.strength, max_per_brand=2),
+        # docs/diversity.md's recommended setting (max-sum's useful strengths are ~10x smaller than MMR's).
+        "max_sum/10": DiversitySpec(
+            method=DiversityMethod.MAX_SUM, strength=DEFAULT_STRENGTH[DiversityMethod.MAX_SUM], window=10
+        ),
     }
     result: dict[str, object] = {"candidates": n, "top_k": args.top_k, "source": str(args.release or "random")}
 
@@ -88,8 +93,10 @@ def bench(args: argparse.Namespace) -> dict[str, object]:
     signals = {"ranker": relevance, "dense": rng.uniform(size=n), "lexical": rng.uniform(size=n) * 10}
     result["blend"] = timed(lambda: blending.blend(signals, blending.DEFAULT_POLICY), args.repeats)
     query = tokens[0][:3]
+    texts = [" ".join(t) for t in tokens]
     result["features"] = timed(
-        lambda: features.assemble(query, tokens, rng.uniform(size=n), rng.uniform(size=n)), args.repeats
+        lambda: features.assemble(" ".join(query), query, texts, tokens, rng.uniform(size=n), rng.uniform(size=n)),
+        args.repeats,
     )
     return result
 

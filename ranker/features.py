@@ -9,6 +9,7 @@ queries of very different BM25 scale.
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -25,8 +26,14 @@ FEATURE_NAMES: tuple[str, ...] = (
     "query_bigram_coverage",
     "log_title_terms",
     "log_query_terms",
+    "query_trigram_coverage",
+    "query_number_match",
+    "last_query_term_in_title",
 )
 NUM_FEATURES = len(FEATURE_NAMES)
+
+_NUMBER = re.compile(r"\d+")
+NO_NUMBER = 0.5  # query_number_match when the query has no number: neither a match nor a miss
 
 
 def _reciprocal_rank(values: np.ndarray) -> np.ndarray:
@@ -41,17 +48,60 @@ def _bigrams(tokens: Sequence[str]) -> set[tuple[str, str]]:
     return set(itertools.pairwise(tokens))
 
 
+def _trigram_codes(text: bytes) -> np.ndarray:
+    """Each 3-byte window of `text` as one int32."""
+    b = np.frombuffer(text, dtype=np.uint8).astype(np.int32)
+    return (b[:-2] << 16) | (b[1:-1] << 8) | b[2:]
+
+
+def trigram_coverage(query_text: str, item_texts: Sequence[str]) -> np.ndarray:
+    """Share of the query's distinct character trigrams (lower-cased, space-padded, UTF-8 bytes) found in
+    each item text. Survives the typos and split or joined words that defeat term matching
+    ("dewalt driil", "2x4" vs "2 x 4"). Vectorised over all candidates at once."""
+    out = np.zeros(len(item_texts), dtype=np.float32)
+    query = np.unique(_trigram_codes(f" {query_text.lower()} ".encode()))
+    if len(query) == 0 or not item_texts:
+        return out
+    encoded = [f" {t.lower()} ".encode() for t in item_texts]
+    lengths = np.fromiter((len(e) for e in encoded), dtype=np.int64, count=len(encoded))
+    codes = _trigram_codes(b"".join(encoded))
+    owner = np.repeat(np.arange(len(encoded)), lengths)[: len(codes)]
+    ends = np.cumsum(lengths)
+    inside = np.arange(len(codes)) + 3 <= ends[owner]  # windows that do not straddle two texts
+    slot = np.minimum(np.searchsorted(query, codes), len(query) - 1)
+    hit = inside & (query[slot] == codes)
+    present = np.zeros((len(encoded), len(query)), dtype=bool)
+    present[owner[hit], slot[hit]] = True
+    out[:] = present.sum(axis=1) / len(query)
+    return out
+
+
+def number_match(query_text: str, item_texts: Sequence[str]) -> np.ndarray:
+    """Share of the query's numbers (digit runs: sizes, voltages, counts) that appear as numbers in each
+    item text; NO_NUMBER when the query has none."""
+    numbers = set(_NUMBER.findall(query_text))
+    if not numbers:
+        return np.full(len(item_texts), NO_NUMBER, dtype=np.float32)
+    return np.fromiter(
+        (len(numbers.intersection(_NUMBER.findall(t))) / len(numbers) for t in item_texts),
+        dtype=np.float32,
+        count=len(item_texts),
+    )
+
+
 def assemble(
+    query_text: str,
     query_tokens: Sequence[str],
+    item_texts: Sequence[str],
     item_tokens: Sequence[Sequence[str]],
     dense: np.ndarray,
     bm25: np.ndarray,
 ) -> np.ndarray:
     """Feature matrix [len(item_tokens), NUM_FEATURES] (float32) for one query's candidates.
 
-    query_tokens / item_tokens: analysed terms (retrieval.Analyzer); dense: cosine of the query
-    embedding with each candidate (0 where no embedding is available); bm25: each candidate's
-    BM25 score against the query.
+    query_text / item_texts: the raw query and item titles; query_tokens / item_tokens: their
+    analysed terms (retrieval.Analyzer); dense: cosine of the query embedding with each candidate
+    (0 where no embedding is available); bm25: each candidate's BM25 score against the query.
     """
     n = len(item_tokens)
     out = np.zeros((n, NUM_FEATURES), dtype=np.float32)
@@ -70,6 +120,7 @@ def assemble(
 
     query_terms = set(query_tokens)
     query_pairs = _bigrams(query_tokens)
+    last_term = query_tokens[-1] if query_tokens else None
     for i, tokens in enumerate(item_tokens):
         title_terms = set(tokens)
         shared = len(query_terms & title_terms)
@@ -77,5 +128,9 @@ def assemble(
         out[i, 7] = shared / len(title_terms) if title_terms else 0.0
         out[i, 8] = len(query_pairs & _bigrams(tokens)) / len(query_pairs) if query_pairs else 0.0
         out[i, 9] = np.log1p(len(tokens))
+        # The last term of a shop query is usually the product type ("cordless drill", "deck screws").
+        out[i, 13] = 1.0 if last_term in title_terms else 0.0
     out[:, 10] = np.log1p(len(query_tokens))
+    out[:, 11] = trigram_coverage(query_text, item_texts)
+    out[:, 12] = number_match(query_text, item_texts)
     return out
