@@ -6,11 +6,12 @@ import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
+from ranker.models import ONNX_FILE
+
 TEMPLATES = Path(__file__).resolve().parents[1] / "triton_models"
 RUNNER = TEMPLATES / "onnx_runner.py"
 CONFIG = "config.pbtxt"
 CONFIG_VARIANTS = "configs"
-ONNX_FILE = "model.onnx"
 PYTHON_MODEL = "model.py"
 
 
@@ -25,11 +26,17 @@ def _copy_templates(name: str, model_dir: Path) -> None:
         shutil.copytree(template / CONFIG_VARIANTS, model_dir / CONFIG_VARIANTS, dirs_exist_ok=True)
 
 
-def write_model_repository(dst: Path, onnx_files: Mapping[str, Path], version: int = 1) -> None:
+def write_model_repository(
+    dst: Path,
+    onnx_files: Mapping[str, Path],
+    version: int = 1,
+    extra_files: Mapping[str, Mapping[str, Path]] | None = None,
+) -> None:
     """Lay out dst/<name>/{config.pbtxt, configs/, <version>/model.onnx, <version>/model.py}.
 
     The version folder holds both the ONNX file (what the GPU config's onnxruntime backend loads)
-    and model.py (what the CPU config's python backend loads; it runs the same ONNX file).
+    and model.py (what the CPU config's python backend loads; it runs the ONNX file its config
+    names). `extra_files` adds files to a model's version folder: {model: {file name: source}}.
     """
     if version < 1:
         raise ValueError(f"version must be >= 1, got {version}")
@@ -44,3 +51,5 @@ def write_model_repository(dst: Path, onnx_files: Mapping[str, Path], version: i
         version_dir.mkdir(parents=True, exist_ok=True)
         shutil.copy2(onnx_file, version_dir / ONNX_FILE)
         shutil.copy2(RUNNER, version_dir / PYTHON_MODEL)
+        for file_name, source in (extra_files or {}).get(name, {}).items():
+            shutil.copy2(source, version_dir / file_name)

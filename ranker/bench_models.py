@@ -23,7 +23,7 @@ import numpy as np
 
 from ranker.bench_stages import percentiles, time_sync
 from ranker.features import NUM_FEATURES
-from ranker.models import OnnxEncoder, OnnxScorer, QueryTokenizer
+from ranker.models import OnnxEncoder, OnnxScorer, QueryTokenizer, encoder_cpu_onnx
 from ranker.release import TOKENIZER, read_manifest
 from ranker.triton import TritonEncoder, TritonModels, TritonScorer
 from ranker.tritonserver import LocalTritonServer
@@ -68,7 +68,7 @@ async def bench(url: str, args: argparse.Namespace) -> dict[str, object]:
         await models.close()
     repo = args.release / "triton_models"
     local_scorer = OnnxScorer(repo / "ranker" / manifest.ranker.version / "model.onnx", threads=1)
-    local_encoder = OnnxEncoder(repo / "text_encoder" / manifest.encoder.version / "model.onnx", threads=2)
+    local_encoder = OnnxEncoder(encoder_cpu_onnx(repo / "text_encoder" / manifest.encoder.version), threads=2)
     return {
         "release_id": manifest.release_id,
         "ranker": {

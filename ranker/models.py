@@ -21,6 +21,16 @@ ENCODER_INPUTS = ("input_ids", "attention_mask")
 ENCODER_OUTPUT = "embedding"
 RANKER_INPUT = "features"
 RANKER_OUTPUT = "score"
+# ONNX files in a model version folder: fp32 for GPUs (config.pbtxt); the query encoder's CPU config
+# (configs/cpu.pbtxt) runs its int8 copy, ~3x faster on CPU at cosine ~0.99 to fp32 (docs/performance.md).
+ONNX_FILE = "model.onnx"
+ENCODER_CPU_ONNX_FILE = "model.int8.onnx"
+
+
+def encoder_cpu_onnx(version_dir: Path) -> Path:
+    """The query encoder file the CPU config runs: the int8 copy, or model.onnx in releases without one."""
+    int8 = version_dir / ENCODER_CPU_ONNX_FILE
+    return int8 if int8.is_file() else version_dir / ONNX_FILE
 
 
 class Encoder(Protocol):

@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from offline.triton_repo import write_model_repository
 from ranker.errors import BackendError, BackendFailed, BackendTimeout, BackendUnavailable
 from ranker.features import NUM_FEATURES
-from ranker.models import ENCODER_INPUTS, ENCODER_OUTPUT, RANKER_INPUT, RANKER_OUTPUT
+from ranker.models import ENCODER_CPU_ONNX_FILE, ENCODER_INPUTS, ENCODER_OUTPUT, RANKER_INPUT, RANKER_OUTPUT
 from ranker.triton import TritonEncoder, TritonModels, TritonScorer
 from ranker.tritonserver import LocalTritonServer, TritonServerError
 
@@ -102,7 +102,9 @@ def onnx_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def triton_server(tmp_path_factory: pytest.TempPathFactory, onnx_files: dict[str, Path]) -> Iterator[LocalTritonServer]:
     repository = tmp_path_factory.mktemp("triton_models")
-    write_model_repository(repository, onnx_files, version=int(VERSION))
+    # The CPU config runs the encoder's int8 file; the tiny test encoder serves as its own "int8" copy.
+    extra = {"text_encoder": {ENCODER_CPU_ONNX_FILE: onnx_files["text_encoder"]}}
+    write_model_repository(repository, onnx_files, version=int(VERSION), extra_files=extra)
     log_file = tmp_path_factory.mktemp("triton_log") / "tritonserver.log"
     server = LocalTritonServer(repository, models=MODELS, startup_timeout=120, log_file=log_file)
     server.start()
