@@ -1,0 +1,217 @@
+"""`python -m ranker.bench_catalog`: time UpsertItems / DeleteItems on a running server, and Rank around them.
+
+    python -m ranker.bench_catalog --target localhost:50051 --titles ../shared/data/homedepot/products.csv \\
+        --batches 1,100 --rounds 20 --json
+    python -m ranker.bench_catalog --release releases/homedepot-ft --titles ../shared/data/homedepot/products.csv
+
+Each round upserts a batch of new items (ids bench-<batch>-<round>-<i>, titles sampled from --titles),
+waits for the reply, then counts whether a Rank for the batch's first title has it in its top 10.
+Rank latency is measured before the upserts, while they run (from a second client) and after them
+(the overlay and the dead-row mask are then in the path); the bench's items are deleted at the end
+(unless --keep). Run it against a server with a scratch RANKER_STATE_DIR: the changes are journaled.
+With --release instead of a server, it times the overlay in-process (ranker.catalog_overlay): building
+the next snapshot, retrieval over 0 / 2,000 / 10,000 appended rows, and a full BM25 rebuild for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from ranker.v1 import ranker_pb2, ranker_pb2_grpc
+
+
+def load_titles(path: Path, n: int, seed: int) -> list[str]:
+    """n titles sampled (seeded) from a catalog CSV's title / product_title column: real lengths and words."""
+    rng = np.random.default_rng(seed)
+    with path.open(newline="", encoding="utf-8", errors="replace") as f:
+        reader = csv.DictReader(f)
+        column = "title" if "title" in (reader.fieldnames or []) else "product_title"
+        titles = [row[column] for row in reader if row.get(column)]
+    if not titles:
+        raise SystemExit(f"no titles in {path}")
+    return [titles[int(i)] for i in rng.choice(len(titles), size=n, replace=len(titles) < n)]
+
+
+def percentiles(samples_ms: Sequence[float]) -> dict[str, float]:
+    values = np.asarray(samples_ms, dtype=np.float64)
+    return {"n": len(values), **{f"p{q}_ms": round(float(np.percentile(values, q)), 1) for q in (50, 90, 100)}}
+
+
+def rank_latencies(stub: ranker_pb2_grpc.RankerStub, queries: Sequence[str]) -> list[float]:
+    out = []
+    for query in queries:
+        start = time.perf_counter()
+        stub.Rank(ranker_pb2.RankRequest(query=query, top_k=20), timeout=30)
+        out.append((time.perf_counter() - start) * 1000.0)
+    return out
+
+
+class RankLoop(threading.Thread):
+    """Rank calls back to back on their own channel while the upserts run: what shoppers see meanwhile."""
+
+    def __init__(self, target: str, queries: Sequence[str]) -> None:
+        super().__init__(daemon=True)
+        self.target, self.queries = target, queries
+        self.latencies_ms: list[float] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        with grpc.insecure_channel(self.target) as channel:
+            stub = ranker_pb2_grpc.RankerStub(channel)
+            i = 0
+            while not self.stop.is_set():
+                self.latencies_ms += rank_latencies(stub, [self.queries[i % len(self.queries)]])
+                i += 1
+
+
+def run(args: argparse.Namespace) -> dict[str, object]:
+    batches = [int(b) for b in args.batches.split(",")]
+    titles = load_titles(args.titles, sum(batches) * args.rounds + args.rank_queries, args.seed)
+    queries = [" ".join(t.split()[:3]) for t in titles[: args.rank_queries]]
+    pool = iter(titles[args.rank_queries :])
+    report: dict[str, object] = {"target": args.target, "batches": {}}
+    created: list[str] = []
+    with grpc.insecure_channel(args.target) as channel:
+        stub = ranker_pb2_grpc.RankerStub(channel)
+        rank_latencies(stub, queries[:5])  # warm-up
+        report["rank_before"] = percentiles(rank_latencies(stub, queries))
+        for batch in batches:
+            latencies, found = [], 0
+            loop = RankLoop(args.target, queries)
+            loop.start()
+            for r in range(args.rounds):
+                items = [
+                    ranker_pb2.CatalogItem(item_id=f"bench-{batch}-{r}-{i}", title=next(pool), price=10.0 + i)
+                    for i in range(batch)
+                ]
+                start = time.perf_counter()
+                reply = stub.UpsertItems(ranker_pb2.UpsertItemsRequest(items=items), timeout=120)
+                latencies.append((time.perf_counter() - start) * 1000.0)
+                assert reply.inserted + reply.updated == batch
+                created += [item.item_id for item in items]
+                ranked = stub.Rank(ranker_pb2.RankRequest(query=items[0].title, top_k=10), timeout=30)
+                found += int(items[0].item_id in [i.item_id for i in ranked.items])
+            loop.stop.set()
+            loop.join()
+            summary = {
+                **percentiles(latencies),
+                "first_item_in_top10_of_its_title": found / args.rounds,
+                "rank_meanwhile": percentiles(loop.latencies_ms),
+            }
+            report["batches"][str(batch)] = summary  # type: ignore[index]
+            if not args.json:
+                print(f"upsert {batch:>4} items: {report['batches'][str(batch)]}", file=sys.stderr)  # type: ignore[index]
+        report["rank_after"] = percentiles(rank_latencies(stub, queries))
+        if not args.keep:
+            start = time.perf_counter()
+            deleted = stub.DeleteItems(ranker_pb2.DeleteItemsRequest(item_ids=created), timeout=60).deleted
+            report["delete"] = {"items": deleted, "ms": round((time.perf_counter() - start) * 1000.0, 1)}
+            report["rank_after_delete"] = percentiles(rank_latencies(stub, queries))
+    return report
+
+
+def _ms(start: float) -> float:
+    return (time.perf_counter() - start) * 1000.0
+
+
+def run_in_process(args: argparse.Namespace) -> dict[str, object]:
+    """No server, no Triton: the cost of building the next snapshot, of retrieval over an overlay, and of the
+    alternative (rebuilding the release's BM25 index). Embeddings are the release's own, reused."""
+    from ranker.catalog_overlay import CatalogSnapshot
+    from ranker.domain import CatalogItem
+    from ranker.release import Release
+    from ranker.retrieval import LexicalIndex
+
+    release = Release.load(args.release)
+    rng = np.random.default_rng(args.seed)
+    batches = [int(b) for b in args.batches.split(",")]
+    titles = load_titles(args.titles, 12_000 + sum(batches) * args.rounds, args.seed)
+    pool = itertools.cycle(titles)
+    vectors = np.asarray(release.retriever.dense.embeddings)
+
+    def upserts(n: int, tag: str) -> list[tuple[CatalogItem, np.ndarray]]:
+        return [
+            (CatalogItem(item_id=f"bench-{tag}-{i}", title=next(pool)), vectors[int(rng.integers(len(vectors)))])
+            for i in range(n)
+        ]
+
+    report: dict[str, object] = {"release": release.manifest.release_id, "items": len(release.catalog)}
+    start = time.perf_counter()
+    snapshot = CatalogSnapshot.of(release)
+    report["open_ms"] = round(_ms(start), 1)
+    start = time.perf_counter()
+    snapshot, _ = snapshot.apply(upserts(1, "first"))
+    report["first_upsert_ms"] = round(_ms(start), 1)  # copies every embedding into the growable buffer
+    for batch in batches:
+        samples = []
+        for r in range(args.rounds):
+            items = upserts(batch, f"{batch}-{r}")
+            start = time.perf_counter()
+            snapshot, _ = snapshot.apply(items)
+            samples.append(_ms(start))
+        report[f"upsert_{batch}"] = percentiles(samples)
+    samples = []
+    for r in range(args.rounds):
+        start = time.perf_counter()
+        snapshot, _ = snapshot.apply([], [f"bench-1-{r}-0"])
+        samples.append(_ms(start))
+    report["delete_1"] = percentiles(samples)
+    start = time.perf_counter()
+    LexicalIndex.build(release.catalog.tokens)
+    report["bm25_full_rebuild_ms"] = round(_ms(start), 1)
+    queries = [
+        (release.analyzer.analyze(" ".join(t.split()[:3])), vectors[int(rng.integers(len(vectors)))])
+        for t in titles[: args.rank_queries]
+    ]
+    for appended in (0, 2000, 10_000):
+        overlay = CatalogSnapshot.of(release)
+        if appended:
+            deleted = rng.choice(len(release.catalog), appended // 5, replace=False)
+            overlay, _ = overlay.apply(
+                upserts(appended, f"overlay-{appended}"), [release.catalog.item_ids[int(r)] for r in deleted]
+            )
+        serving = overlay.release
+        samples = []
+        for tokens, embedding in queries:
+            start = time.perf_counter()
+            allowed = serving.catalog.mask(categories=frozenset(), min_price=None, max_price=None)
+            serving.retriever.retrieve(tokens, embedding, dense_k=400, lexical_k=400, allowed=allowed)
+            samples.append(_ms(start))
+        report[f"retrieve_with_{appended}_appended_{appended // 5}_deleted"] = percentiles(samples)
+    return report
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m ranker.bench_catalog", description=__doc__.split("\n")[0])
+    parser.add_argument("--target", default="localhost:50051")
+    parser.add_argument("--release", type=Path, help="no server: time the overlay itself on this release, in-process")
+    parser.add_argument("--titles", type=Path, required=True, help="catalog CSV to sample the items' titles from")
+    parser.add_argument("--batches", default="1,100", help="comma-separated batch sizes")
+    parser.add_argument("--rounds", type=int, default=20, help="upserts per batch size")
+    parser.add_argument("--rank-queries", type=int, default=50, help="Rank calls before and after")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--keep", action="store_true", help="leave the items in the catalog (default: delete them)")
+    parser.add_argument("--json", action="store_true", help="no progress lines on stderr, only the JSON report")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    report = run(args) if args.release is None else run_in_process(args)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

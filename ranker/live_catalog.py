@@ -1,0 +1,327 @@
+"""Online catalog updates for the serving ranker: embed on Triton, journal, build the next snapshot, swap.
+
+UpsertItems embeds the titles with the release's text encoder exactly as offline.export embedded the
+catalog (its tokenizer, truncated to the manifest's max_title_tokens, mean-pooled and L2-normalised
+by the model), then under one lock: builds the next CatalogSnapshot (ranker.catalog_overlay),
+appends the change to the journal and fsyncs it (ranker.catalog_journal), and swaps the serving
+Ranker for one over the new snapshot. A Rank takes the serving Ranker once, so it sees a whole batch
+or none of it. Nothing is applied when the encoder fails (UNAVAILABLE) or the journal cannot be
+written. A call that fails after that point (its deadline passed while the change was being
+written) may have been applied: retrying is safe, an upsert or delete is idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from datetime import date
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from ranker.catalog_journal import (
+    JOURNAL,
+    CatalogJournal,
+    Change,
+    Delete,
+    JournalError,
+    JournalHeader,
+    Upsert,
+    entries,
+    fold,
+    read,
+)
+from ranker.catalog_overlay import Applied, CatalogSnapshot
+from ranker.domain import CatalogItem
+from ranker.errors import BackendFailed, BackendTimeout, BackendUnavailable, NotConfigured
+from ranker.models import Encoder, QueryTokenizer
+from ranker.pipeline import Ranker
+from ranker.release import ENCODER_MODEL, TOKENIZER, Manifest, Release
+from ranker.retrieval import Analyzer
+
+log = logging.getLogger(__name__)
+
+# Titles per encoder call (the text_encoder takes up to 64): the encoder's queue is shared with Rank's
+# query encodes, which wait behind at most one batch. On 2 CPU cores, 16 instead of 64 cut Rank's p90
+# during 100-item upserts from ~700 ms to ~190 ms and made the upserts faster too (docs/catalog-updates.md).
+ENCODE_BATCH = 16
+DEFAULT_MAX_TITLE_TOKENS = 64  # offline.encoder.MAX_TITLE_TOKENS, for manifests that do not record it
+JOURNAL_DIR = "catalog"
+COMPACT_MIN_ENTRIES = 1000  # at start, rewrite a journal this long when most of it is superseded
+BACKEND = f"triton:{ENCODER_MODEL}"
+
+
+class CatalogRetired(BackendUnavailable):
+    """This live catalog was replaced by another release's (a release swap); the change was not applied here."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__("catalog", reason)
+
+
+class CatalogUpdates(Protocol):
+    """What the UpsertItems / DeleteItems RPCs need: a LiveCatalog, or ranker.swap's view of the serving one."""
+
+    async def upsert(self, items: Sequence[CatalogItem], *, timeout: float | None) -> Applied: ...
+
+    async def delete(self, item_ids: Sequence[str]) -> Applied: ...
+
+
+class TextTokenizer(Protocol):
+    def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Padded token ids and attention mask, [len(texts), tokens] each."""
+        ...
+
+
+def item_tokenizer(release: Release) -> QueryTokenizer:
+    """The tokenizer the export embedded titles with: the release's, truncated at max_title_tokens."""
+    max_tokens = int(release.manifest.encoder.extra.get("max_title_tokens", DEFAULT_MAX_TITLE_TOKENS))
+    return QueryTokenizer(release.path / TOKENIZER, max_tokens)
+
+
+def encoder_fingerprint(manifest: Manifest) -> str:
+    """What determines an item's embedding: the encoder's ONNX file, the tokenizer and the truncation.
+
+    Two releases with the same fingerprint embed a title identically, so journal embeddings carry over."""
+    files = manifest.raw.get("files", {})
+    model_dir = f"triton_models/{ENCODER_MODEL}/"
+    parts = {k: v for k, v in files.items() if k == TOKENIZER or (k.startswith(model_dir) and k.endswith(".onnx"))}
+    if not parts:  # a manifest without checksums: only the same release is known to match
+        parts = {"release_id": manifest.release_id}
+    parts["max_title_tokens"] = str(manifest.encoder.extra.get("max_title_tokens", DEFAULT_MAX_TITLE_TOKENS))
+    parts["dim"] = str(manifest.embedding_dim)
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+async def embed_titles(
+    encoder: Encoder,
+    tokenizer: TextTokenizer,
+    titles: Sequence[str],
+    *,
+    dim: int,
+    timeout: float | None,
+    call_timeout: float | None = None,
+) -> np.ndarray:
+    """Embeddings [len(titles), dim] in input order, in batches of similar length (as offline.encoder does).
+
+    Raises ranker.errors.BackendError when the encoder fails, `timeout` (seconds, for all batches) passes
+    or one batch takes longer than `call_timeout`."""
+    out = np.zeros((len(titles), dim), dtype=np.float32)
+    if not titles:
+        return out
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
+    ids, mask = tokenizer(list(titles))
+    lengths = mask.sum(axis=1)
+    order = np.argsort(lengths, kind="stable")
+    # One batch at a time: query encodes queue between batches instead of behind the whole upsert.
+    for start in range(0, len(order), ENCODE_BATCH):
+        rows = order[start : start + ENCODE_BATCH]
+        width = max(int(lengths[rows].max()), 1)
+        limit = call_timeout
+        if deadline is not None:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise BackendTimeout(BACKEND, f"embedding {len(titles)} titles took longer than {timeout:.1f} s")
+            limit = remaining if limit is None else min(limit, remaining)
+        vectors = await encoder.encode(ids[rows, :width], mask[rows, :width], timeout=limit)
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.shape != (len(rows), dim) or not np.isfinite(vectors).all():
+            raise BackendFailed(BACKEND, f"expected finite embeddings of shape {(len(rows), dim)}, got {vectors.shape}")
+        out[rows] = vectors
+    return out
+
+
+class LiveCatalog:
+    """The serving Ranker, with items upserted and deleted online. `current()` is what Rank uses."""
+
+    def __init__(self, ranker: Ranker, *, tokenizer: TextTokenizer, as_of: date | None = None) -> None:
+        self._base = ranker
+        self._tokenizer = tokenizer
+        self._snapshot = CatalogSnapshot.of(ranker.release, as_of=as_of)
+        self._ranker = ranker
+        self._journal: CatalogJournal | None = None
+        self._disabled: str | None = None  # why updates are refused, when they are
+        self._retired: str | None = None  # set when a release swap replaced this catalog (see retire)
+        self._lock = asyncio.Lock()
+        self._analyzer = Analyzer()  # its own: analysis runs in a worker thread, Stemmer objects are not shared
+        self.dim = ranker.release.manifest.embedding_dim
+
+    def current(self) -> Ranker:
+        return self._ranker
+
+    @property
+    def snapshot(self) -> CatalogSnapshot:
+        return self._snapshot
+
+    @classmethod
+    async def open(
+        cls,
+        ranker: Ranker,
+        *,
+        tokenizer: TextTokenizer,
+        state_dir: Path | None,
+        call_timeout: float | None = None,
+        writable: bool = True,
+    ) -> LiveCatalog:
+        """The live catalog with the journal in `state_dir` replayed (None: changes are not persisted).
+
+        A journal whose embeddings came from another text encoder (another release's) is replayed with
+        the titles embedded again, which needs the encoder (BackendError otherwise), and rewritten.
+        When the journal cannot be opened for writing, OSError, unless `writable` is False: then what
+        it holds is replayed and updates are refused (NotConfigured)."""
+        live = cls(ranker, tokenizer=tokenizer)
+        if state_dir is None:
+            log.warning("no state directory: catalog updates will not survive a restart")
+            return live
+        path = state_dir / JOURNAL_DIR / JOURNAL
+        started = time.perf_counter()
+        try:
+            journal, header, changes = await asyncio.to_thread(CatalogJournal.open, path)
+        except OSError as e:
+            if writable:
+                raise
+            live._disabled = f"catalog updates are off: {path} is not writable ({e}); set RANKER_STATE_DIR"
+            log.error("%s", live._disabled)
+            header, changes, _ = await asyncio.to_thread(read, path)
+            await live._replay(None, path, header, changes, call_timeout, started)
+            return live
+        try:
+            await live._replay(journal, path, header, changes, call_timeout, started)
+        except BaseException:
+            journal.close()
+            raise
+        live._journal = journal
+        return live
+
+    async def _replay(
+        self,
+        journal: CatalogJournal | None,
+        path: Path,
+        header: JournalHeader | None,
+        changes: list[Change],
+        call_timeout: float | None,
+        started: float,
+    ) -> None:
+        manifest = self._base.release.manifest
+        current = JournalHeader(release_id=manifest.release_id, encoder=encoder_fingerprint(manifest), dim=self.dim)
+        upserts, deletes = fold(changes)
+        reembed = header is not None and (header.encoder, header.dim) != (current.encoder, current.dim)
+        if reembed and upserts:
+            log.warning(
+                "catalog journal %s was written with another text encoder (release %s); embedding its %d items again",
+                path,
+                header.release_id if header else "?",
+                len(upserts),
+            )
+            items = [item for item, _ in upserts]
+            titles = [i.title for i in items]
+            vectors = await embed_titles(
+                self._base.encoder, self._tokenizer, titles, dim=self.dim, timeout=None, call_timeout=call_timeout
+            )
+            upserts = list(zip(items, vectors, strict=True))
+        snapshot, applied = await asyncio.to_thread(self._snapshot.apply, upserts, deletes, self._analyzer)
+        self._install(snapshot)
+        total = entries(changes)
+        compact = total >= COMPACT_MIN_ENTRIES and total > 2 * (len(upserts) + len(deletes))
+        if journal is not None and (header is None or reembed or compact):
+            compacted: list[Change] = []
+            if deletes:
+                compacted.append(Delete(tuple(deletes)))
+            if upserts:
+                compacted.append(Upsert(tuple(i for i, _ in upserts), np.array([e for _, e in upserts], np.float32)))
+            await asyncio.to_thread(journal.rewrite, current, compacted)
+        log.info(
+            "catalog journal %s replayed onto release %s in %.0f ms: %d upserted, %d deleted (%d ids not present)",
+            path,
+            manifest.release_id,
+            (time.perf_counter() - started) * 1000,
+            len(upserts),
+            applied.deleted,
+            len(applied.not_found),
+        )
+
+    async def upsert(self, items: Sequence[CatalogItem], *, timeout: float | None) -> Applied:
+        """Add or replace items; their titles are embedded first, then the batch is applied whole."""
+        self._check_open()
+        started = time.perf_counter()
+        vectors = await embed_titles(
+            self._base.encoder, self._tokenizer, [item.title for item in items], dim=self.dim, timeout=timeout
+        )
+        encoded = time.perf_counter()
+        applied = await self._commit(Upsert(tuple(items), vectors))
+        log.info(
+            "catalog upsert: %d inserted, %d updated in %.1f ms (embedding %.1f ms)",
+            applied.inserted,
+            applied.updated,
+            (time.perf_counter() - started) * 1000,
+            (encoded - started) * 1000,
+        )
+        return applied
+
+    async def delete(self, item_ids: Sequence[str]) -> Applied:
+        """Remove items; ids not in the catalog are reported in `not_found`."""
+        self._check_open()
+        applied = await self._commit(Delete(tuple(item_ids)))
+        log.info("catalog delete: %d deleted, %d not found", applied.deleted, len(applied.not_found))
+        return applied
+
+    async def _commit(self, change: Change) -> Applied:
+        # Shielded: once the change may be in the journal, it must be in memory too, even if the
+        # caller goes away meanwhile.
+        return await asyncio.shield(self._apply(change))
+
+    async def _apply(self, change: Change) -> Applied:
+        async with self._lock:
+            if self._retired:  # retired while this change waited for the lock
+                raise CatalogRetired(self._retired)
+            upserts: list[tuple[CatalogItem, np.ndarray]] = []
+            deletes: tuple[str, ...] = ()
+            if isinstance(change, Upsert):
+                upserts = list(zip(change.items, change.embeddings, strict=True))
+            else:
+                deletes = change.item_ids
+            snapshot, applied = await asyncio.to_thread(self._snapshot.apply, upserts, deletes, self._analyzer)
+            if self._journal is not None:
+                try:
+                    await asyncio.to_thread(self._journal.append, change)
+                except JournalError as e:
+                    log.error("catalog change not applied: %s", e)
+                    raise BackendUnavailable("catalog journal", "cannot persist the change; nothing was applied") from e
+            self._install(snapshot)
+            return applied
+
+    def _install(self, snapshot: CatalogSnapshot) -> None:
+        self._snapshot = snapshot
+        self._ranker = self._base.with_release(snapshot.release)
+
+    def _check_open(self) -> None:
+        if self._retired:
+            raise CatalogRetired(self._retired)
+        if self._disabled:
+            raise NotConfigured(self._disabled)
+
+    @contextlib.asynccontextmanager
+    async def updates_paused(self) -> AsyncIterator[None]:
+        """Updates wait while the block runs (a release swap replays this catalog's journal onto the next
+        release meanwhile, see ranker.swap); one being applied finishes first."""
+        async with self._lock:
+            yield
+
+    def retire(self, reason: str) -> None:
+        """Refuse every later update with CatalogRetired and close the journal: another LiveCatalog owns it now.
+        Call it inside updates_paused(), so that no update is applied half here and half there."""
+        self._retired = reason
+        self.close()
+
+    def close(self) -> None:
+        """Close the journal; later updates are refused (CatalogRetired)."""
+        self._retired = self._retired or "the catalog is closed"
+        journal, self._journal = self._journal, None  # closed once: the descriptor number may be reused
+        if journal is not None:
+            journal.close()
