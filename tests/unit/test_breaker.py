@@ -1,0 +1,100 @@
+"""Circuit breaker: opens after consecutive failures, fails fast, probes one call, closes by itself."""
+
+from __future__ import annotations
+
+import pytest
+
+from ranker.breaker import CircuitBreaker, State
+from ranker.errors import BackendFailed, BackendTimeout, BackendUnavailable
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def breaker(clock: Clock) -> CircuitBreaker:
+    return CircuitBreaker("triton:ranker", failures=3, cooldown_s=1.0, max_cooldown_s=4.0, clock=clock)
+
+
+DOWN = BackendUnavailable("triton:ranker", "connection refused")
+
+
+def test_opens_after_consecutive_failures_and_fails_fast() -> None:
+    b = breaker(Clock())
+    for _ in range(2):
+        b.before_call()
+        b.failed(DOWN)
+    assert b.state is State.CLOSED
+    b.before_call()
+    b.failed(BackendTimeout("triton:ranker", "deadline"))
+    assert b.state is State.OPEN
+    with pytest.raises(BackendUnavailable, match="circuit open"):
+        b.before_call()
+
+
+def test_a_success_resets_the_count() -> None:
+    b = breaker(Clock())
+    for _ in range(5):  # fail, fail, succeed: never three in a row
+        for outcome in (DOWN, DOWN, None):
+            b.before_call()
+            b.failed(outcome) if outcome else b.succeeded()
+    assert b.state is State.CLOSED
+
+
+def test_error_answers_do_not_open_it() -> None:
+    b = breaker(Clock())
+    for _ in range(10):
+        b.before_call()
+        b.failed(BackendFailed("triton:ranker", "bad input shape"))
+    assert b.state is State.CLOSED
+
+
+def test_half_open_lets_one_probe_through_and_recovers() -> None:
+    clock = Clock()
+    b = breaker(clock)
+    for _ in range(3):
+        b.before_call()
+        b.failed(DOWN)
+    clock.now += 1.0
+    b.before_call()  # the probe
+    assert b.state is State.HALF_OPEN
+    with pytest.raises(BackendUnavailable, match="probe in flight"):
+        b.before_call()
+    b.succeeded()
+    assert b.state is State.CLOSED
+    b.before_call()
+
+
+def test_failed_probe_doubles_the_cooldown_up_to_the_limit() -> None:
+    clock = Clock()
+    b = breaker(clock)
+    for _ in range(3):
+        b.before_call()
+        b.failed(DOWN)
+    for cooldown in (2.0, 4.0, 4.0):
+        clock.now += cooldown / 2  # the previous cool-down has elapsed: probe, and it fails
+        b.before_call()
+        b.failed(DOWN)
+        clock.now += cooldown - 0.01
+        with pytest.raises(BackendUnavailable):
+            b.before_call()
+        clock.now += 0.01
+    b.before_call()
+    b.succeeded()
+    assert b.state is State.CLOSED
+
+
+def test_cancelled_probe_frees_the_slot() -> None:
+    clock = Clock()
+    b = breaker(clock)
+    for _ in range(3):
+        b.before_call()
+        b.failed(DOWN)
+    clock.now += 1.0
+    b.before_call()
+    b.failed(RuntimeError("cancelled"))
+    b.before_call()  # another probe may go
