@@ -1,4 +1,4 @@
-"""Choosing the top k from blended candidates: plain order, MMR or greedy DPP, under per-attribute caps.
+"""Choosing the top k from blended candidates: plain order, MMR, max-sum or greedy DPP, under per-attribute caps.
 
 All selectors are greedy, deterministic (candidates arrive sorted by score then item id, and every
 argmax takes the first maximum) and pure numpy.
@@ -54,6 +54,12 @@ def select(
     relevance: blended scores, candidates already sorted best first (ties by item id);
     embeddings: L2-normalised rows aligned with relevance. Items of unknown category/brand are not
     capped. Fewer than k come back when the caps leave fewer eligible items.
+
+    With spec.window = w > 0 the list is filled w positions at a time: the selector starts afresh
+    for each window (an item's redundancy counts only the items already in its window), and each
+    window is shown in relevance order. Diversity then decides which items make a window, never
+    that a less relevant item goes above a more relevant one in it, and the first window (a page
+    of w) is the same whatever k is. Caps count over the whole list.
     """
     n = len(relevance)
     k = min(k, n)
@@ -64,9 +70,14 @@ def select(
     span = rel.max() - rel.min()
     rel = (rel - rel.min()) / span if span > 0 else np.zeros(n)
     emb = np.asarray(embeddings, dtype=np.float32)  # float32 products: half the cost, ample precision here
-    if spec.method is DiversityMethod.MMR:
-        return _mmr(rel, emb, spec.strength, k, caps)
-    return _dpp(rel, emb, spec.strength, k, caps)
+    pick = _SELECTORS[spec.method]
+    if spec.window <= 0:
+        return pick(rel, emb, spec.strength, k, caps)
+    chosen: list[int] = []
+    while len(chosen) < k and caps.eligible.any():
+        # Indices are positions in the relevance order, so sorting a window shows it best first.
+        chosen.extend(sorted(pick(rel, emb, spec.strength, min(spec.window, k - len(chosen)), caps)))
+    return chosen
 
 
 def _in_order(k: int, caps: _Caps) -> list[int]:
@@ -87,6 +98,26 @@ def _mmr(rel: np.ndarray, emb: np.ndarray, strength: float, k: int, caps: _Caps)
         best = int(np.argmax(gain))
         similarity = emb @ emb[best]
         redundancy = similarity if not chosen else np.maximum(redundancy, similarity)
+        chosen.append(best)
+        caps.take(best)
+    return chosen
+
+
+def _max_sum(rel: np.ndarray, emb: np.ndarray, strength: float, k: int, caps: _Caps) -> list[int]:
+    """Greedy max-sum diversification: (1 - s) * relevance - s * SUM of cosines to the already chosen.
+
+    The objective of Gollapudi & Sharma (WWW 2009): relevance plus the sum of pairwise distances
+    of the chosen set, which is what ILD (1 - mean pairwise cosine) measures. Unlike MMR's max, the
+    sum grows with every pick, so the first picks stay close to relevance order and diversity acts
+    mostly on the later positions, where displacing an item costs least. Useful strengths are ~10x
+    smaller than MMR's (docs/diversity.md).
+    """
+    redundancy = np.zeros(len(rel))  # sum of cosines to the chosen
+    chosen: list[int] = []
+    while len(chosen) < k and caps.eligible.any():
+        gain = np.where(caps.eligible, (1 - strength) * rel - strength * redundancy, -np.inf)
+        best = int(np.argmax(gain))
+        redundancy += emb @ emb[best]
         chosen.append(best)
         caps.take(best)
     return chosen
@@ -117,6 +148,9 @@ def _dpp(rel: np.ndarray, emb: np.ndarray, strength: float, k: int, caps: _Caps)
             cis[step] = e
             gains = gains - e * e
     return chosen
+
+
+_SELECTORS = {DiversityMethod.MMR: _mmr, DiversityMethod.MAX_SUM: _max_sum, DiversityMethod.DPP: _dpp}
 
 
 def monotone_scores(scores: np.ndarray, epsilon: float = 1e-6) -> np.ndarray:
