@@ -11,11 +11,12 @@ export TOKENIZERS_PARALLELISM := false
 
 install: $(STAMP)
 
-$(STAMP): requirements.lock pyproject.toml
+$(STAMP): requirements.lock pyproject.toml scripts/install-redis.sh
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements.lock
 	$(BIN)/pip install --quiet --no-deps -e .
+	scripts/install-redis.sh  # redis-server for the Redis profile store's tests (skipped when on PATH)
 	touch $(STAMP)
 
 $(EXAMPLE_RELEASE)/manifest.json: $(STAMP) examples/catalog.csv examples/judgments.csv
@@ -38,7 +39,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow and not triton and not gpu" tests
 
 check: $(STAMP)
-	$(BIN)/ruff check ranker offline tests triton_models
+	$(BIN)/ruff check ranker offline tests triton_models scripts
 	$(BIN)/mypy ranker offline
 
 proto: $(STAMP)

@@ -9,7 +9,11 @@ With --diversity every query carries that DiversitySpec; the result then also re
 the top 10 is (ILD@10, category and brand coverage@10; offline.metrics). A release without
 categories/brands gets them derived in memory (offline.attributes.fill_attributes), used for the
 caps and the coverage metrics, and the JSON says "attributes": "derived". --tradeoff sweeps the
-strength of MMR and DPP and plots NDCG@10 against ILD@10 (docs/diversity.md).
+strength of each curve in --curves (MMR and DPP by default; "max_sum/10" is max-sum by windows of
+10) and plots NDCG@10 against ILD@10 (docs/diversity.md).
+
+`python -m offline.evaluate personalization ...` evaluates user profiles and recommendations instead
+(offline.personalization, docs/personalization.md).
 """
 
 from __future__ import annotations
@@ -31,8 +35,8 @@ from tqdm import tqdm
 from offline import metrics
 from offline.attributes import fill_attributes
 from offline.data import judgments_by_query, load_catalog, load_judgments, split_queries
-from ranker.domain import DiversityMethod, DiversitySpec, RankQuery
-from ranker.models import OnnxEncoder, OnnxScorer, QueryTokenizer
+from ranker.domain import DEFAULT_STRENGTH, DiversityMethod, DiversitySpec, RankQuery
+from ranker.models import ONNX_FILE, OnnxEncoder, OnnxScorer, QueryTokenizer, encoder_cpu_onnx
 from ranker.pipeline import PipelineSettings, Ranker
 from ranker.release import ENCODER_MODEL, MODEL_REPOSITORY, RANKER_MODEL, TOKENIZER, Release
 
@@ -48,7 +52,8 @@ STAGES: dict[str, dict[str, float]] = {
 }
 
 TRADEOFF_STRENGTHS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7)
-DEFAULT_STRENGTH = 0.3  # with --diversity mmr|dpp and no --diversity-strength
+MAX_SUM_STRENGTHS = (0.0, 0.02, 0.03, 0.04, 0.05, 0.07, 0.1)  # max-sum's useful range is ~10x lower
+TRADEOFF_CURVES = (("mmr", 0), ("dpp", 0))  # (method, window)
 DIVERSITY_K = 10
 
 
@@ -71,13 +76,11 @@ def local_ranker(release: Release, *, dense_k: int | None = None, lexical_k: int
     manifest = release.manifest
     repo = release.path / MODEL_REPOSITORY
 
-    def onnx(model: str, version: str) -> Path:
-        return repo / model / version / "model.onnx"
-
     return Ranker(
         release,
-        encoder=CachingEncoder(OnnxEncoder(onnx(ENCODER_MODEL, manifest.encoder.version))),
-        scorer=OnnxScorer(onnx(RANKER_MODEL, manifest.ranker.version)),
+        # The files Triton's CPU configs run, so served and evaluated rankings agree (int8 query encoder).
+        encoder=CachingEncoder(OnnxEncoder(encoder_cpu_onnx(repo / ENCODER_MODEL / manifest.encoder.version))),
+        scorer=OnnxScorer(repo / RANKER_MODEL / manifest.ranker.version / ONNX_FILE),
         tokenizer=QueryTokenizer(release.path / TOKENIZER, manifest.max_query_tokens),
         settings=PipelineSettings.for_release(manifest, dense_k=dense_k, lexical_k=lexical_k),
     )
@@ -164,18 +167,31 @@ def diversity_scores(release: Release, runs: Mapping[str, Sequence[str]], k: int
     return {f"ild@{k}": mean(ild), f"category_coverage@{k}": mean(categories), f"brand_coverage@{k}": mean(brands)}
 
 
-def diversity_spec(args: argparse.Namespace, method: str | None = None, strength: float | None = None) -> DiversitySpec:
-    method = method or args.diversity
+def diversity_spec(
+    args: argparse.Namespace, method: str | None = None, strength: float | None = None, window: int | None = None
+) -> DiversitySpec:
+    kind = DiversityMethod(method or args.diversity)
     if strength is None:
         strength = args.diversity_strength
     if strength is None:
-        strength = 0.0 if method == "none" else DEFAULT_STRENGTH
+        strength = DEFAULT_STRENGTH[kind]
     return DiversitySpec(
-        method=DiversityMethod(method),
+        method=kind,
         strength=float(strength),
         max_per_category=args.max_per_category,
         max_per_brand=args.max_per_brand,
+        window=args.diversity_window if window is None else window,
     )
+
+
+def parse_curves(text: str) -> tuple[tuple[str, int], ...]:
+    """--curves: comma-separated "method" or "method/window" (e.g. "mmr,max_sum/10")."""
+    result = []
+    for entry in text.split(","):
+        method, _, window = entry.partition("/")
+        DiversityMethod(method)  # ValueError: argparse reports the entry
+        result.append((method, int(window or 0)))
+    return tuple(result)
 
 
 def tradeoff(
@@ -186,20 +202,23 @@ def tradeoff(
     args: argparse.Namespace,
     *,
     strengths: Sequence[float] = TRADEOFF_STRENGTHS,
+    curves: Sequence[tuple[str, int]] = TRADEOFF_CURVES,
+    max_sum_strengths: Sequence[float] = MAX_SUM_STRENGTHS,
 ) -> list[dict[str, Any]]:
-    """NDCG@10, Recall@100 and diversity per (method, strength); strength 0 is shared by both methods."""
+    """NDCG@10, Recall@100 and diversity per (method, window, strength); strength 0 is shared by all curves."""
     rows: list[dict[str, Any]] = []
     base: dict[str, Any] | None = None
-    for method in ("mmr", "dpp"):
-        for strength in strengths:
+    for method, window in curves:
+        for strength in max_sum_strengths if method == DiversityMethod.MAX_SUM.value else strengths:
             if strength <= 0 and base is not None:
-                rows.append({**base, "method": method})
+                rows.append({**base, "method": method, "window": window})
                 continue
-            spec = diversity_spec(args, method, strength)
+            spec = diversity_spec(args, method, strength, window)
             runs = asyncio.run(run_queries(ranker, queries, diversity=spec, progress=not args.quiet))
             scored = score_runs(runs, judged)
             row = {
                 "method": method,
+                "window": window,
                 "strength": strength,
                 "ndcg@10": scored["ndcg@10"],
                 "recall@100": scored["recall@100"],
@@ -223,13 +242,23 @@ def plot_tradeoff(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method, colour in (("mmr", "#4c72b0"), ("dpp", "#dd8452")):
-        points = sorted((r for r in rows if r["method"] == method), key=lambda r: float(r["strength"]))
+    curves = list(dict.fromkeys((str(r["method"]), int(r.get("window", 0))) for r in rows))
+    colours = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860")
+    for (method, window), colour in zip(curves, colours * len(curves), strict=False):
+        points = sorted(
+            (r for r in rows if (r["method"], int(r.get("window", 0))) == (method, window)),
+            key=lambda r: float(r["strength"]),
+        )
         xs = [float(r["ild@10"]) for r in points]
         ys = [float(r["ndcg@10"]) for r in points]
-        ax.plot(xs, ys, marker="o", color=colour, label=method.upper())
+        label = method.upper() + (f", window {window}" if window else "")
+        ax.plot(xs, ys, marker="o", color=colour, label=label)
         for r, x, y in zip(points, xs, ys, strict=True):
             ax.annotate(f"{float(r['strength']):g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    base = next((r for r in rows if float(r["strength"]) <= 0), None)
+    if base is not None:  # the issue #4 target: +30% ILD@10 for at most 2% of NDCG@10
+        ax.axhline(0.98 * float(base["ndcg@10"]), color="grey", linestyle=":", linewidth=1, label="−2% NDCG@10")
+        ax.axvline(1.3 * float(base["ild@10"]), color="grey", linestyle="--", linewidth=1, label="+30% ILD@10")
     ax.set_xlabel("ILD@10 (1 − mean pairwise cosine of the top 10)")
     ax.set_ylabel("NDCG@10")
     ax.set_title(title)
@@ -316,11 +345,21 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             "strength": spec.strength,
             "max_per_category": spec.max_per_category,
             "max_per_brand": spec.max_per_brand,
+            "window": spec.window,
         },
         "ms_per_query": 1000.0 * elapsed / max(1, len(queries)),
     }
     if args.tradeoff:
-        result["tradeoff"] = tradeoff(release, ranker, queries, judged, args, strengths=args.strengths)
+        result["tradeoff"] = tradeoff(
+            release,
+            ranker,
+            queries,
+            judged,
+            args,
+            strengths=args.strengths,
+            curves=args.curves,
+            max_sum_strengths=args.max_sum_strengths,
+        )
         name = "Home Depot" if "homedepot" in str(args.products) else "examples"
         plot_tradeoff(result["tradeoff"], args.tradeoff, f"{name} {args.split} split, {result['queries']} queries")
     if args.ablation or args.plot:
@@ -350,14 +389,16 @@ def print_table(result: Mapping[str, Any]) -> None:
         ]
         print(f"{row['stage']:<44} " + " ".join(f"{c:>22}" for c in cells))
     spec = result["diversity"]
+    window = f", window {spec['window']}" if spec.get("window") else ""
     print(
-        f"diversity {spec['method']} (strength {spec['strength']:g}): ILD@10 {result['ild@10']:.3f}, "
+        f"diversity {spec['method']} (strength {spec['strength']:g}{window}): ILD@10 {result['ild@10']:.3f}, "
         f"category coverage@10 {result['category_coverage@10']:.2f}, brand coverage@10 "
         f"{result['brand_coverage@10']:.2f} (attributes {result['attributes']})"
     )
     for row in result.get("tradeoff", []):
         print(
-            f"  {row['method']:<4} {row['strength']:<4g} NDCG@10 {row['ndcg@10']:.4f} ({row['ndcg_change']:+.1%})  "
+            f"  {row['method']:<7} w{row.get('window', 0):<3} {row['strength']:<5g} "
+            f"NDCG@10 {row['ndcg@10']:.4f} ({row['ndcg_change']:+.1%})  "
             f"ILD@10 {row['ild@10']:.4f} ({row['ild_change']:+.1%})  categories {row['category_coverage@10']:.2f}  "
             f"brands {row['brand_coverage@10']:.2f}"
         )
@@ -388,20 +429,38 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--diversity-strength",
         type=float,
-        help=f"0 = pure relevance .. 1 = pure diversity (default {DEFAULT_STRENGTH} with a method)",
+        help="0 = pure relevance .. 1 = pure diversity (default: the method's, e.g. mmr 0.3, max_sum 0.04)",
+    )
+    parser.add_argument(
+        "--diversity-window",
+        type=int,
+        default=0,
+        help="diversify each run of this many positions on its own, shown in relevance order (0: whole list)",
     )
     parser.add_argument("--max-per-category", type=int, default=0, help="cap per category in the top k (0: none)")
     parser.add_argument("--max-per-brand", type=int, default=0, help="cap per brand in the top k (0: none)")
     parser.add_argument(
         "--tradeoff",
         type=Path,
-        help=f"sweep MMR and DPP strengths {list(TRADEOFF_STRENGTHS)}: PNG of NDCG@10 vs ILD@10, rows in the JSON",
+        help="sweep each --curves method over its strengths: PNG of NDCG@10 vs ILD@10, rows in the JSON",
+    )
+    parser.add_argument(
+        "--curves",
+        type=parse_curves,
+        default=TRADEOFF_CURVES,
+        help="with --tradeoff: comma-separated method or method/window, e.g. mmr,dpp,max_sum/10 (default mmr,dpp)",
+    )
+    parser.add_argument(
+        "--max-sum-strengths",
+        type=lambda text: tuple(float(v) for v in text.split(",")),
+        default=MAX_SUM_STRENGTHS,
+        help=f"with --tradeoff: the strengths of max_sum curves (default {','.join(map(str, MAX_SUM_STRENGTHS))})",
     )
     parser.add_argument(
         "--strengths",
         type=lambda text: tuple(float(v) for v in text.split(",")),
         default=TRADEOFF_STRENGTHS,
-        help="with --tradeoff: comma-separated strengths to sweep",
+        help="with --tradeoff: comma-separated strengths of the mmr and dpp curves",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -409,6 +468,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["personalization"]:
+        from offline import personalization
+
+        return personalization.main(argv[1:])
     args = parse_args(argv)
     result = evaluate(args)
     if args.json:

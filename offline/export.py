@@ -27,12 +27,13 @@ import numpy as np
 import polars as pl
 import torch
 
-from offline import data, encoder, gate, train_encoder, train_ranker
+from offline import data, encoder, gate, interactions, train_encoder, train_ranker
 from offline.attributes import fill_attributes
 from offline.triton_repo import write_model_repository
 from ranker import release as layout
 from ranker.features import FEATURE_NAMES
-from ranker.models import OnnxEncoder
+from ranker.models import ENCODER_CPU_ONNX_FILE, OnnxEncoder
+from ranker.neighbours import NEIGHBOURS_FILE
 from ranker.policy import POLICY_FILE, load_policy
 from ranker.retrieval import Analyzer, DenseIndex, HybridRetriever, LexicalIndex
 
@@ -47,7 +48,8 @@ DEFAULT_CACHE = Path.home() / ".cache" / "ranker" / "encoders"
 STAGING_PREFIX = ".staging-"
 DEFAULT_POLICY_TOML = """\
 # Ranking policy of this release (see docs/ranking-policy.md); RANKER_POLICY_FILE replaces it.
-# Keys left out keep the service's defaults: every other signal has weight 0.
+# Keys left out keep the service's defaults: every other signal has weight 0, but "personal" (0.3,
+# present only with a user's profile; docs/personalization.md).
 max_weight = 10.0
 max_rule_amount = 100.0
 
@@ -89,6 +91,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=13, help="train/dev split and training seed")
     parser.add_argument("--limit", type=int, help="use only the first N catalog rows (quick tests)")
     parser.add_argument("--policy", type=Path, help="ranking policy TOML to ship (default: the service defaults)")
+    parser.add_argument(
+        "--interactions",
+        type=Path,
+        help="shoppers' histories (user_id, item_id[, timestamp]) -> neighbours.npz for the personal signal",
+    )
     parser.add_argument(
         "--allow-regression",
         action="store_true",
@@ -186,16 +193,27 @@ class Exporter:
             # Brand and category for catalogs without them (filters, caps, diversity metrics).
             items, self.manifest["data"]["attributes"] = fill_attributes(items, np.asarray(dense.embeddings))
             items.write_parquet(self.staging / layout.ITEMS)
+        if self.args.interactions is not None:
+            with self.stages("neighbours"):
+                self.write_neighbours(items["item_id"].to_list())
         if judgments is not None and self.finetuned is not None:
             with self.stages("dense_dev_metrics"):
                 self.dense_dev_metrics(items, judgments, enc, dense)
         corpus = train_ranker.Corpus(
-            item_ids=items["item_id"].to_list(), tokens=tokens, retriever=HybridRetriever(dense, lexical)
+            item_ids=items["item_id"].to_list(),
+            titles=titles,
+            tokens=tokens,
+            retriever=HybridRetriever(dense, lexical),
         )
         ranker_onnx = self.ranker(corpus, enc, judgments)
         with self.stages("triton_repository"):
             onnx_files = {layout.ENCODER_MODEL: enc.onnx_file, layout.RANKER_MODEL: ranker_onnx}
-            write_model_repository(self.staging / layout.MODEL_REPOSITORY, onnx_files, version=MODEL_VERSION)
+            write_model_repository(
+                self.staging / layout.MODEL_REPOSITORY,
+                onnx_files,
+                version=MODEL_VERSION,
+                extra_files={layout.ENCODER_MODEL: {ENCODER_CPU_ONNX_FILE: self.encoder_int8}},
+            )
             shutil.rmtree(self.scratch)
         with self.stages("policy"):
             self.write_policy()
@@ -329,6 +347,12 @@ class Exporter:
                 self.scratch / "text_encoder.onnx", self.staging / layout.TOKENIZER, parity_sample(titles), model_dir
             )
         print(f"  ONNX vs torch max abs diff {enc.parity_max_abs_diff:.2e}")
+        with self.stages("encoder_int8"):
+            self.encoder_int8 = self.scratch / "text_encoder.int8.onnx"
+            int8 = encoder.quantize_int8(
+                enc.onnx_file, self.encoder_int8, enc.tokenizer_file, [*parity_sample(titles), *encoder.PARITY_QUERIES]
+            )
+        print(f"  int8 copy for CPU serving: cosine to fp32 min {int8['int8_cosine_min']:.4f}")
         self.manifest.setdefault("models", {})[layout.ENCODER_MODEL] = {
             "version": MODEL_VERSION,
             "dim": encoder.DIM,
@@ -338,6 +362,8 @@ class Exporter:
             "pooling": "mean, L2-normalised",
             "opset": encoder.OPSET,
             "parity_max_abs_diff": enc.parity_max_abs_diff,
+            "cpu_onnx_file": ENCODER_CPU_ONNX_FILE,
+            **int8,
             **self.encoder_info,
         }
         return enc
@@ -436,6 +462,23 @@ class Exporter:
             "learning_rate": train_ranker.LEARNING_RATE,
             "label": "relevance - 1 for judged candidates, 0 for unjudged",
         }
+
+    def write_neighbours(self, item_ids: list[str]) -> None:
+        """Item-to-item neighbours from --interactions (docs/personalization.md)."""
+        path = self.args.interactions
+        try:
+            neighbours, report = interactions.build_neighbours(
+                interactions.read_sequences(path), {item_id: row for row, item_id in enumerate(item_ids)}, len(item_ids)
+            )
+        except interactions.InteractionsError as e:
+            raise ExportError(str(e)) from e
+        neighbours.save(self.staging / NEIGHBOURS_FILE, item_ids)
+        self.manifest["personalization"] = {
+            "interactions": str(path),
+            "interactions_sha256": layout.sha256_file(path),
+            "neighbours": report,
+        }
+        print(f"  neighbours: {json.dumps(report)}")
 
     def write_policy(self) -> None:
         """The release's ranking policy: --policy (validated), else the service defaults spelled out."""

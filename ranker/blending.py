@@ -34,20 +34,23 @@ class SignalPolicy:
 
 
 # Signals the pipeline computes per request, and signals read from catalog columns.
-COMPUTED_SIGNALS = ("ranker", "dense", "lexical", "retrieval")
+COMPUTED_SIGNALS = ("ranker", "dense", "lexical", "retrieval", "personal")
 CATALOG_SIGNALS = ("popularity", "rating", "price", "margin", "boost", "freshness")
 
 
 # The service's default policy. "ranker" is the learned model's score; "dense" and "lexical" are the
 # retrieval scores and "retrieval" their reciprocal-rank fusion, off by default and available to
 # per-request overrides. When the ranker cannot run, its weight moves to "retrieval" (see
-# without_ranker), so a degraded response is still ordered.
+# without_ranker), so a degraded response is still ordered. "personal" is the fit of each item to the
+# shopper's profile (ranker.personal); without a user or a profile it is dropped (without_personal), and
+# with no query (recommendations) the ranker's weight moves to it.
 DEFAULT_POLICY: Mapping[str, SignalPolicy] = MappingProxyType(
     {
         "ranker": SignalPolicy(weight=1.0, normalization=Normalization.IDENTITY),
         "dense": SignalPolicy(weight=0.0, normalization=Normalization.MINMAX),
         "lexical": SignalPolicy(weight=0.0, normalization=Normalization.MINMAX),
         "retrieval": SignalPolicy(weight=0.0, normalization=Normalization.MINMAX),
+        "personal": SignalPolicy(weight=0.3, normalization=Normalization.MINMAX),
         "popularity": SignalPolicy(weight=0.0, normalization=Normalization.RANK),
         "rating": SignalPolicy(weight=0.0, normalization=Normalization.MINMAX),
         "price": SignalPolicy(weight=0.0, normalization=Normalization.MINMAX, higher_is_better=False),
@@ -104,12 +107,19 @@ def apply_overrides(
     return result
 
 
-def without_ranker(policy: Mapping[str, SignalPolicy]) -> dict[str, SignalPolicy]:
-    """The policy for a response without ranker scores: the ranker's weight is added to "retrieval"."""
+def without_ranker(policy: Mapping[str, SignalPolicy], to: str = "retrieval") -> dict[str, SignalPolicy]:
+    """The policy for a response without ranker scores: the ranker's weight is added to "retrieval" (or `to`)."""
     result = dict(policy)
     moved = result.pop("ranker").weight
-    fusion = result["retrieval"]
-    result["retrieval"] = replace(fusion, weight=fusion.weight + moved)
+    receiver = result[to]
+    result[to] = replace(receiver, weight=receiver.weight + moved)
+    return result
+
+
+def without_personal(policy: Mapping[str, SignalPolicy]) -> dict[str, SignalPolicy]:
+    """The policy for a response without a profile: the "personal" signal is dropped."""
+    result = dict(policy)
+    result.pop("personal", None)
     return result
 
 

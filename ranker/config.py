@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, FilePath, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,30 @@ class Settings(BaseSettings):
         default="embedded",
         description="host:port of Triton's gRPC endpoint, or 'embedded' to start a local CPU tritonserver",
     )
-    triton_config_name: str = Field(default="cpu", description="--model-config-name for the embedded server")
+    triton_models: Literal["auto", "push", "preloaded"] = Field(
+        default="auto",
+        description="push: the ranker loads each release's models into Triton under per-release names (needs "
+        "--model-control-mode=explicit; what RankerAdmin.LoadRelease needs); preloaded: Triton already serves the "
+        "release's models under their own names; auto: push, or preloaded when Triton refuses loads",
+    )
+    triton_config_name: str | None = Field(
+        default=None,
+        description="which config of each model the ranker loads: configs/<name>.pbtxt when the model has it, else "
+        "config.pbtxt; 'default': config.pbtxt; unset: 'cpu' for the embedded server, 'default' for an external one",
+    )
+    triton_load_timeout_s: float = Field(
+        default=300.0, gt=0, description="limit for loading one model into Triton (a release swap, the start)"
+    )
+    release_drain_s: float = Field(
+        default=30.0, ge=0, description="a release swap waits this long for the old release's in-flight RPCs"
+    )
+    release_keep_previous: int = Field(
+        default=0,
+        ge=0,
+        le=3,
+        description="a release swap keeps the models of this many replaced releases loaded in Triton (several "
+        "rankers sharing one Triton swap one by one); older ones are unloaded",
+    )
     triton_startup_wait_s: float = Field(
         default=120.0, ge=0, description="how long to wait for Triton's models at start before serving degraded"
     )
@@ -39,6 +63,12 @@ class Settings(BaseSettings):
     dense_k: int | None = Field(default=None, ge=1, le=4000, description="ANN candidates; default from the release")
     lexical_k: int | None = Field(default=None, ge=1, le=4000, description="BM25 candidates; default from the release")
     ef_search: int = Field(default=512, ge=16, le=8192, description="HNSW search breadth")
+    dense_backend: Literal["faiss", "qdrant"] = Field(
+        default="faiss", description="the release's FAISS index, or its collection in a Qdrant engine"
+    )
+    vector_engine_url: str | None = Field(
+        default=None, description="with dense_backend=qdrant: http(s)://host:6333, or local:/path (in-process)"
+    )
 
     default_top_k: int = Field(default=20, ge=1, le=200)
     max_top_k: int = Field(default=200, ge=1, le=1000)
@@ -47,8 +77,55 @@ class Settings(BaseSettings):
     max_receive_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     policy_file: Path | None = Field(default=None, description="ranking policy TOML replacing the release's")
     max_concurrent_rpcs: int = Field(default=256, ge=1, description="beyond this, RPCs are refused")
+    state_dir: Path = Field(
+        default=Path("state"),
+        description="writable folder for what outlives a restart, e.g. catalog/journal.jsonl (online catalog updates)",
+    )
+
+    # User profiles and RecordEvents (docs/personalization.md).
+    profile_store: str = Field(
+        default="embedded",
+        pattern=r"^(embedded|(redis|rediss|unix)://.*)$",
+        description="'embedded' (sqlite file under state_dir/profiles) or a Redis URL, e.g. redis://host:6379/0",
+    )
+    profile_ttl_s: float = Field(default=30 * 86400.0, ge=60, description="a profile expires this after its last event")
+    profile_half_life_s: float = Field(default=7 * 86400.0, gt=0, description="an event's weight halves this often")
+    profile_timeout_s: float = Field(
+        default=0.1, gt=0, le=10, description="a profile read slower than this answers Rank without personalisation"
+    )
+    event_dedup_ttl_s: float = Field(default=7 * 86400.0, ge=60, description="how long an event_id is remembered")
+    max_events_per_request: int = Field(default=1000, ge=1, le=100_000)
+    event_max_future_s: float = Field(default=300.0, ge=0, description="clock skew tolerated for event timestamps")
 
     log_level: str = Field(default="INFO")
+
+    # Security and observability (docs/operations.md). Secrets are file paths or SecretStr: repr(settings)
+    # and the logs never show a token.
+    tls_cert_file: FilePath | None = Field(default=None, description="PEM certificate chain; enables TLS on the port")
+    tls_key_file: FilePath | None = Field(default=None, description="PEM private key of tls_cert_file")
+    tls_client_ca_file: FilePath | None = Field(
+        default=None, description="PEM CA bundle; when set, clients must present a certificate it signed (mTLS)"
+    )
+    auth_token_file: FilePath | None = Field(
+        default=None, description="bearer tokens, one per line (several during a rotation); re-read when it changes"
+    )
+    auth_tokens: SecretStr | None = Field(default=None, description="bearer tokens, comma-separated (prefer the file)")
+    auth_required_for_rank: bool = Field(
+        default=False, description="Rank needs a token too (mutating and admin RPCs always do when tokens are set)"
+    )
+    metrics_port: int = Field(default=9464, ge=0, le=65535, description="Prometheus /metrics port; 0 disables")
+    log_format: Literal["text", "json"] = Field(default="text", description="json: one JSON object per line")
+    access_log: bool = Field(default=True, description="one log line per RPC (health checks excepted)")
+
+    @model_validator(mode="after")
+    def _security_consistent(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file must be set together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file (mTLS) needs tls_cert_file and tls_key_file")
+        if self.auth_required_for_rank and self.auth_token_file is None and self.auth_tokens is None:
+            raise ValueError("auth_required_for_rank needs auth_token_file or auth_tokens")
+        return self
 
 
 def load_settings(**overrides: object) -> Settings:

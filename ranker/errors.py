@@ -4,6 +4,8 @@ RankerError
 ├── InvalidArgument        bad input; the message names the field, the value and the limit
 ├── NotFound               a named thing (release, item) does not exist
 ├── Overloaded             the service sheds load rather than queue without bound
+├── NotConfigured          the server is not set up for this call (e.g. catalog updates without a state folder)
+├── Busy                   an operation that must not overlap is already running (e.g. a release load)
 └── BackendError           a dependency failed; Rank degrades instead of surfacing these
     ├── BackendUnavailable the dependency cannot be reached or is not ready
     ├── BackendTimeout     the dependency did not answer within the deadline
@@ -35,6 +37,14 @@ class Overloaded(RankerError):
     """Too many requests in flight; the caller should back off and retry."""
 
 
+class NotConfigured(RankerError):
+    """The call needs something this server was not given (a setting, a writable folder)."""
+
+
+class Busy(RankerError):
+    """Another call of an operation that runs one at a time is in progress; retry once it is done."""
+
+
 class BackendError(RankerError):
     """A dependency (Triton, the profile store) failed."""
 
@@ -60,6 +70,8 @@ STATUS_CODES: dict[type[RankerError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     NotFound: grpc.StatusCode.NOT_FOUND,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    NotConfigured: grpc.StatusCode.FAILED_PRECONDITION,
+    Busy: grpc.StatusCode.ABORTED,
     BackendError: grpc.StatusCode.UNAVAILABLE,
     BackendUnavailable: grpc.StatusCode.UNAVAILABLE,
     BackendTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,

@@ -6,6 +6,7 @@ unavailable, from the fusion of the retrieval lists. Either way the response say
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Iterator, Mapping
@@ -15,9 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from ranker import blending, diversity, features, rules
-from ranker.domain import DiversitySpec, RankQuery, RankResult, ScoreComponent, ScoredItem
+from ranker.domain import DiversitySpec, Personalization, RankQuery, RankResult, Rule, ScoreComponent, ScoredItem
 from ranker.errors import BackendError, InvalidArgument
 from ranker.models import Encoder, QueryTokenizer, Scorer
+from ranker.personal import Personalizer, personal_scores, popular_candidates, profile_candidates
+from ranker.profiles import ItemSpace, Profile
 from ranker.release import Manifest, Release
 from ranker.retrieval import Candidates, union_rows
 
@@ -66,20 +69,32 @@ class Ranker:
         scorer: Scorer,
         tokenizer: QueryTokenizer,
         settings: PipelineSettings,
+        personalizer: Personalizer | None = None,
     ) -> None:
         self.release = release
         self.encoder = encoder
         self.scorer = scorer
         self.tokenizer = tokenizer
         self.settings = settings
+        self.personalizer = personalizer  # user profiles (RecordEvents, the "personal" signal); None: off
         manifest = release.manifest
         self.model_versions = {
             manifest.encoder.name: manifest.encoder.version,
             manifest.ranker.name: manifest.ranker.version,
         }
 
+    def with_release(self, release: Release) -> Ranker:
+        """This pipeline over another version of the same release (online catalog updates swap these in);
+        the ranker in use is never changed, so a Rank in flight keeps the catalog it started with."""
+        clone = copy.copy(self)
+        clone.release = release
+        return clone
+
     async def rank(self, query: RankQuery, *, timeout: float | None = None) -> RankResult:
-        """Rank for one validated query; `timeout` bounds each model call (seconds)."""
+        """Rank for one validated query within `timeout` seconds (the caller's deadline): each model call
+        gets what is left of it, less a reserve for the stages that follow, so a slow Triton makes the
+        answer degraded rather than late."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         watch = _Stopwatch()
         degraded: list[str] = []
         release_policy = self.release.policy
@@ -87,30 +102,54 @@ class Ranker:
         business_rules = (*release_policy.rules, *query.rules)
         catalog = self.release.catalog
         query_tokens = self.release.analyzer.analyze(query.query)
+        profile, personalization = None, Personalization.NONE
+        if query.user_id is not None:
+            with watch.stage("profile"):
+                profile, personalization = await self._profile(query.user_id, _left(deadline, timeout))
+        personal = profile if personalization is Personalization.APPLIED else None
 
         with watch.stage("encode"):
-            embedding = await self._encode(query.query, timeout, degraded)
+            embedding = await self._encode(query.query, _left(deadline, timeout), degraded)
         with watch.stage("retrieve"):
             allowed = catalog.mask(
                 categories=query.categories,
                 min_price=query.min_price,
                 max_price=query.max_price,
                 in_stock_only=query.in_stock_only,
-                excluded=rules.excluded(catalog, business_rules),
+                excluded=self._excluded(query, business_rules, profile),
             )
             pinned = rules.pins(catalog, business_rules, allowed)
-            candidates = self._candidates(query, query_tokens, embedding, allowed, [row for _, row in pinned])
+            pins = [row for _, row in pinned]
+            candidates = self._candidates(query, query_tokens, embedding, allowed, pins, personal)
         with watch.stage("features"):
-            rows = features.assemble(
-                query_tokens, [catalog.tokens[r] for r in candidates.rows], candidates.dense, candidates.bm25
-            )
+            if embedding is None:  # the ranker will not run (see _score): no features to compute
+                rows = np.zeros((len(candidates.rows), len(features.FEATURE_NAMES)), dtype=np.float32)
+            else:
+                rows = features.assemble(
+                    query.query,
+                    query_tokens,
+                    [catalog.titles[r] for r in candidates.rows],
+                    [catalog.tokens[r] for r in candidates.rows],
+                    candidates.dense,
+                    candidates.bm25,
+                )
         with watch.stage("score"):
-            scores = await self._score(rows, embedding is not None, timeout, degraded)
+            scores = await self._score(rows, embedding is not None, _left(deadline, timeout), degraded)
+        signals = {"dense": candidates.dense, "lexical": candidates.bm25, "retrieval": candidates.fused()}
+        if personal is not None and self.personalizer is not None:
+            with watch.stage("personal"):
+                items_space = ItemSpace.of(self.release)
+                weights = self.personalizer.weights
+                neighbours = self.release.neighbours
+                signals["personal"] = personal_scores(personal, candidates.rows, items_space, neighbours, weights)
+        else:
+            policy = blending.without_personal(policy)
         with watch.stage("blend"):
-            signals = {"dense": candidates.dense, "lexical": candidates.bm25, "retrieval": candidates.fused()}
             signals.update({name: values[candidates.rows] for name, values in catalog.signals.items()})
             if scores is None:
-                policy = blending.without_ranker(policy)
+                # With no query (recommendations) the profile stands in for the ranker.
+                to = "personal" if personal is not None and not query.query.strip() else "retrieval"
+                policy = blending.without_ranker(policy, to=to)
             else:
                 signals["ranker"] = scores
             blend = blending.blend(signals, policy)
@@ -128,7 +167,51 @@ class Ranker:
             candidates=len(candidates.rows),
             degraded=bool(degraded),
             degraded_reason="; ".join(degraded),
+            personalization=personalization,
         )
+
+    async def _profile(self, user_id: str, left: float | None) -> tuple[Profile | None, Personalization]:
+        if self.personalizer is None:
+            return None, Personalization.UNAVAILABLE
+        profile, personalization = await self.personalizer.lookup(user_id, timeout=left)
+        if profile is not None:
+            profile = self.personalizer.align(profile, ItemSpace.of(self.release))
+        return profile, personalization
+
+    def _excluded(
+        self, query: RankQuery, business_rules: tuple[Rule, ...], profile: Profile | None
+    ) -> np.ndarray | None:
+        """Rows excluded by rules, and with exclude_purchased the profile's purchases."""
+        catalog = self.release.catalog
+        excluded = rules.excluded(catalog, business_rules)
+        if not (query.exclude_purchased and profile is not None and profile.purchased):
+            return excluded
+        bought = np.zeros(len(catalog), dtype=bool)
+        bought[[catalog.row_of[i] for i in profile.purchased if i in catalog.row_of]] = True
+        return bought if excluded is None else excluded | bought
+
+    def _recommendations(self, allowed: np.ndarray | None, include: np.ndarray, profile: Profile | None) -> Candidates:
+        """Candidates without a query: from the profile, or (cold start) the most popular items."""
+        depth = self.settings.dense_k
+        if profile is not None and self.personalizer is not None:
+            return profile_candidates(
+                profile,
+                ItemSpace.of(self.release),
+                self.release.retriever.dense,
+                self.release.neighbours,
+                self.personalizer.weights,
+                k=depth,
+                allowed=allowed,
+                include=include,
+            )
+        catalog = self.release.catalog
+        popularity = np.zeros(len(catalog))
+        if "popularity" in catalog.signals:
+            popularity = catalog.signals["popularity"]
+        elif self.release.neighbours is not None:
+            known = min(len(catalog), len(self.release.neighbours.counts))
+            popularity[:known] = self.release.neighbours.counts[:known]
+        return popular_candidates(popularity, depth, allowed, include)
 
     async def _encode(self, text: str, timeout: float | None, degraded: list[str]) -> np.ndarray | None:
         if not text.strip():
@@ -149,9 +232,12 @@ class Ranker:
         embedding: np.ndarray | None,
         allowed: np.ndarray | None,
         include: list[int],
+        profile: Profile | None = None,
     ) -> Candidates:
         catalog = self.release.catalog
         retriever = self.release.retriever
+        if not query.candidate_ids and not query.query.strip():
+            return self._recommendations(allowed, np.array(include, dtype=np.int64), profile)
         if query.candidate_ids:
             rows = np.array([catalog.row_of[item_id] for item_id in query.candidate_ids], dtype=np.int64)
             if allowed is not None:
@@ -253,6 +339,17 @@ class Ranker:
         else:
             parts.append(_adjustment("diversity", score - so_far))
         return ScoredItem(item_id=item_id, row=row, score=score, breakdown=tuple(parts))
+
+
+RESERVE_FRACTION = 0.2  # of the request's budget, kept for the CPU stages after a model call
+MIN_CALL_S = 0.001
+
+
+def _left(deadline: float | None, budget: float | None) -> float | None:
+    """Seconds a model call may take now: the time to the deadline less the reserve, at least 1 ms."""
+    if deadline is None or budget is None:
+        return None
+    return max(MIN_CALL_S, deadline - time.monotonic() - RESERVE_FRACTION * budget)
 
 
 def _adjustment(name: str, amount: float) -> ScoreComponent:

@@ -19,10 +19,11 @@ service's RANKER_POLICY_FILE replaces it; per-request overrides then adjust weig
     missing = 0.0              # value for items without the attribute (default: the lowest present)
 
     [diversity]                # the default when a request leaves method unspecified
-    method = "mmr"             # none | mmr | dpp
+    method = "mmr"             # none | mmr | dpp | max_sum
     strength = 0.2
     max_per_category = 0
     max_per_brand = 3
+    window = 0                 # > 0: diversify each run of this many positions, shown in relevance order
 
     [[rules]]                  # standing rules, applied to every request before the request's own
     action = "bury"            # pin | exclude | boost | bury
@@ -105,7 +106,7 @@ def _signal(source: str, name: str, data: Mapping[str, Any], max_weight: float) 
 
 
 def _diversity(source: str, data: Mapping[str, Any]) -> DiversitySpec:
-    _check_keys(source, "diversity", data, {"method", "strength", "max_per_category", "max_per_brand"})
+    _check_keys(source, "diversity", data, {"method", "strength", "max_per_category", "max_per_brand", "window"})
     try:
         method = DiversityMethod(data.get("method", "none"))
     except ValueError:
@@ -116,6 +117,7 @@ def _diversity(source: str, data: Mapping[str, Any]) -> DiversitySpec:
         strength=_number(source, "diversity.strength", data.get("strength", 0.0), 0.0, 1.0),
         max_per_category=int(_number(source, "diversity.max_per_category", data.get("max_per_category", 0), 0, 200)),
         max_per_brand=int(_number(source, "diversity.max_per_brand", data.get("max_per_brand", 0), 0, 200)),
+        window=int(_number(source, "diversity.window", data.get("window", 0), 0, 200)),
     )
 
 

@@ -9,6 +9,7 @@
       tokenizer/tokenizer.json the query encoder's tokenizer (Hugging Face `tokenizers` format)
       triton_models/           a Triton model repository: text_encoder/ and ranker/, each with
                                config.pbtxt (GPU), configs/cpu.pbtxt, <version>/model.onnx, model.py
+      neighbours.npz           optional: item-to-item neighbours from shoppers' histories (ranker.neighbours)
 
 offline.export writes all of it into a temporary sibling folder and renames it into place, so a
 half-written release is never visible under RELEASE.
@@ -30,8 +31,9 @@ import polars as pl
 from ranker.domain import Rule
 from ranker.errors import NotFound
 from ranker.features import FEATURE_NAMES
+from ranker.neighbours import NEIGHBOURS_FILE, ItemNeighbours
 from ranker.policy import DEFAULT, POLICY_FILE, Policy, load_policy
-from ranker.retrieval import Analyzer, DenseIndex, HybridRetriever, LexicalIndex
+from ranker.retrieval import Analyzer, DenseIndex, DenseRetriever, HybridRetriever, LexicalIndex
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -139,10 +141,13 @@ class Catalog:
     brands: list[str | None]
     prices: np.ndarray  # float64, NaN where unknown
     tokens: list[list[str]]  # analysed titles
-    row_of: dict[str, int]
+    row_of: dict[str, int]  # id -> its newest row; ids deleted online stay (their row is dead)
     signals: dict[str, np.ndarray]  # catalog blend signals present in the catalog, NaN where unknown
     in_stock: np.ndarray | None  # bool; None when the catalog has no stock column
     rows_by_value: dict[str, dict[str, np.ndarray]]  # "category"/"brand" -> value -> rows
+    # Rows removed online (deleted, or replaced by a newer row of the same id: ranker.catalog_overlay);
+    # mask() leaves them out, so they are never retrieved, reranked or pinned. None: no row removed.
+    dead: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.item_ids)
@@ -179,6 +184,13 @@ class Catalog:
             },
         )
 
+    def live_row(self, item_id: str) -> int | None:
+        """The item's row, or None when the id is unknown or the item was deleted online."""
+        row = self.row_of.get(item_id)
+        if row is None or (self.dead is not None and self.dead[row]):
+            return None
+        return row
+
     def rows_with(self, field: str, values: Iterable[str]) -> np.ndarray:
         """Rows whose category/brand is one of `values`."""
         index = self.rows_by_value[field]
@@ -202,10 +214,13 @@ class Catalog:
         in_stock_only: bool = False,
         excluded: np.ndarray | None = None,
     ) -> np.ndarray | None:
-        """Boolean row mask for the filters and exclusions; None when nothing is filtered."""
-        if not categories and min_price is None and max_price is None and not in_stock_only and excluded is None:
+        """Boolean row mask for the filters, exclusions and removed rows; None when nothing is filtered."""
+        unfiltered = not categories and min_price is None and max_price is None and not in_stock_only
+        if unfiltered and excluded is None and self.dead is None:
             return None
         allowed = np.ones(len(self), dtype=bool) if excluded is None else ~excluded
+        if self.dead is not None:
+            allowed &= ~self.dead
         if in_stock_only:
             allowed &= self.in_stock if self.in_stock is not None else False
         if categories:
@@ -229,14 +244,27 @@ class Release:
     retriever: HybridRetriever
     analyzer: Analyzer
     policy: Policy = DEFAULT
+    neighbours: ItemNeighbours | None = None  # item-to-item neighbours for the "personal" signal, if shipped
 
     @property
     def model_repository(self) -> Path:
         return self.path / MODEL_REPOSITORY
 
     @classmethod
-    def load(cls, path: Path, *, ef_search: int = 512, policy_override: Path | None = None) -> Release:
-        """Load a release; the policy is `policy_override`, else the release's policy.toml, else the default."""
+    def load(
+        cls,
+        path: Path,
+        *,
+        ef_search: int = 512,
+        policy_override: Path | None = None,
+        dense_backend: str = "faiss",
+        vector_engine_url: str | None = None,
+    ) -> Release:
+        """Load a release; the policy is `policy_override`, else the release's policy.toml, else the default.
+
+        The dense retriever is the release's FAISS index, or with `dense_backend="qdrant"` the release's
+        collection at `vector_engine_url` (see ranker.vector_engine).
+        """
         path = Path(path).resolve()
         manifest = read_manifest(path)
         if manifest.features != FEATURE_NAMES:
@@ -247,7 +275,7 @@ class Release:
         analyzer = Analyzer()
         items = pl.read_parquet(path / ITEMS)
         catalog = Catalog.from_frame(items, analyzer)
-        dense = DenseIndex.load(path / DENSE_INDEX, path / EMBEDDINGS, ef_search=ef_search)
+        dense = load_dense(path, manifest, dense_backend, vector_engine_url, ef_search=ef_search)
         lexical = LexicalIndex.load(path / LEXICAL_DIR)
         if not (len(catalog) == dense.num_items == lexical.num_items == manifest.items):
             raise NotFound(
@@ -262,4 +290,31 @@ class Release:
             retriever=HybridRetriever(dense, lexical),
             analyzer=analyzer,
             policy=load_policy(policy_file) if policy_file.is_file() else DEFAULT,
+            neighbours=(
+                ItemNeighbours.load(path / NEIGHBOURS_FILE, catalog.row_of, len(catalog))
+                if (path / NEIGHBOURS_FILE).is_file()
+                else None
+            ),
         )
+
+
+def load_dense(
+    path: Path, manifest: Manifest, backend: str, vector_engine_url: str | None, *, ef_search: int = 512
+) -> DenseRetriever:
+    """The release's dense retriever: its FAISS index ("faiss"), or its collection in a Qdrant engine ("qdrant")."""
+    if backend == "faiss":
+        return DenseIndex.load(path / DENSE_INDEX, path / EMBEDDINGS, ef_search=ef_search)
+    if backend == "qdrant":
+        if not vector_engine_url:
+            raise ValueError("dense_backend 'qdrant' needs vector_engine_url (RANKER_VECTOR_ENGINE_URL)")
+        from ranker import vector_engine  # imported only when chosen: qdrant-client is an optional extra
+
+        client = vector_engine.connect(vector_engine_url)
+        embeddings = np.load(path / EMBEDDINGS, mmap_mode="r")
+        collection = vector_engine.collection_name(manifest.release_id)
+        try:
+            return vector_engine.QdrantDenseIndex.open(client, collection, embeddings, ef_search=ef_search)
+        except BaseException:
+            client.close()  # a local folder stays locked while its client is open
+            raise
+    raise ValueError(f"dense_backend must be 'faiss' or 'qdrant', got {backend!r}")

@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import bm25s
 import faiss
@@ -33,6 +35,14 @@ class Analyzer:
 
     def analyze_many(self, texts: Iterable[str]) -> list[list[str]]:
         return [self.analyze(t) for t in texts]
+
+
+@dataclass(frozen=True, kw_only=True)
+class BM25Parameters:
+    method: str  # bm25s scoring variant, e.g. "lucene"
+    idf_method: str
+    k1: float
+    b: float
 
 
 class LexicalIndex:
@@ -65,6 +75,53 @@ class LexicalIndex:
         if not ids:
             return np.zeros(self.num_items, dtype=np.float32)
         return np.asarray(self._bm25.get_scores_from_ids(ids), dtype=np.float32)
+
+    def parameters(self) -> BM25Parameters:
+        """The BM25 variant and constants the index was built with."""
+        bm25 = self._bm25
+        return BM25Parameters(method=str(bm25.method), idf_method=str(bm25.idf_method), k1=bm25.k1, b=bm25.b)
+
+    def document_frequency(self, term: str) -> int:
+        """How many items contain the (analysed) term; 0 for a term the index has never seen."""
+        term_id = self._bm25.vocab_dict.get(term)
+        if term_id is None:
+            return 0
+        indptr = self._bm25.scores["indptr"]
+        return int(indptr[term_id + 1] - indptr[term_id])
+
+
+class LexicalRetriever(Protocol):
+    """What retrieval uses of a lexical index: LexicalIndex, or LexicalIndex plus the items added online
+    (ranker.catalog_overlay.OverlayLexical). Row ids are the catalog's item rows."""
+
+    @property
+    def num_items(self) -> int: ...
+
+    def scores(self, query_tokens: Sequence[str]) -> np.ndarray:
+        """BM25 score of every item (float32, one per row)."""
+        ...
+
+
+@runtime_checkable
+class DenseRetriever(Protocol):
+    """What retrieval, features and diversity use of a dense index: FAISS (DenseIndex) or a vector engine
+    (ranker.vector_engine.QdrantDenseIndex). Row ids are the release's item rows."""
+
+    @property
+    def num_items(self) -> int: ...
+
+    @property
+    def embeddings(self) -> np.ndarray:
+        """Item embeddings [items, dim], row-indexable (MMR/DPP read the candidates' rows)."""
+        ...
+
+    def search(self, query: np.ndarray, k: int, allowed: np.ndarray | None = None) -> np.ndarray:
+        """Row ids of the k nearest items, best first; only rows where `allowed` (a boolean mask) is True."""
+        ...
+
+    def similarities(self, query: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Exact cosine between the query and the given rows."""
+        ...
 
 
 class DenseIndex:
@@ -193,7 +250,7 @@ class Candidates:
 class HybridRetriever:
     """Union of the dense ANN's and BM25's top hits, with exact signals for every candidate."""
 
-    def __init__(self, dense: DenseIndex, lexical: LexicalIndex) -> None:
+    def __init__(self, dense: DenseRetriever, lexical: LexicalRetriever) -> None:
         self.dense = dense
         self.lexical = lexical
 

@@ -6,21 +6,27 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from ranker import observability, profiles, security
+from ranker.catalog_journal import JournalError
 from ranker.config import Settings
 from ranker.domain import RankQuery
-from ranker.errors import BackendUnavailable
+from ranker.errors import BackendError, NotConfigured, NotFound
+from ranker.live_catalog import CatalogUpdates, LiveCatalog, item_tokenizer
 from ranker.models import QueryTokenizer
+from ranker.personal import Personalizer
 from ranker.pipeline import PipelineSettings, Ranker
 from ranker.release import TOKENIZER, Release
-from ranker.service import RankerServicer
+from ranker.service import RankerAdminServicer, RankerServicer
+from ranker.swap import ReleaseLeases, ReleaseParts, ReleaseSwitch, SwitchSettings
 from ranker.triton import TritonEncoder, TritonModels, TritonScorer
 from ranker.tritonserver import LocalTritonServer
 from ranker.v1 import ranker_pb2, ranker_pb2_grpc
@@ -28,6 +34,7 @@ from ranker.v1 import ranker_pb2, ranker_pb2_grpc
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = ranker_pb2.DESCRIPTOR.services_by_name["Ranker"].full_name
+ADMIN_SERVICE_NAME = ranker_pb2.DESCRIPTOR.services_by_name["RankerAdmin"].full_name
 
 
 @dataclass
@@ -35,46 +42,88 @@ class RunningServer:
     server: grpc.aio.Server
     port: int
     health: health_aio.HealthServicer
+    metrics: observability.MetricsServer | None = None
 
     async def stop(self, grace: float) -> None:
         """Report NOT_SERVING first so load balancers drain us, then finish in-flight RPCs."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        if self.metrics is not None:
+            self.metrics.stop()
 
 
-async def start_server(settings: Settings, current: Callable[[], Ranker]) -> RunningServer:
+def interceptors(settings: Settings) -> list[grpc.aio.ServerInterceptor]:
+    """Outermost first, so metrics and the access log see every outcome, UNAUTHENTICATED included."""
+    chain: list[grpc.aio.ServerInterceptor] = [observability.ObservabilityInterceptor(access_log=settings.access_log)]
+    inline = settings.auth_tokens.get_secret_value() if settings.auth_tokens is not None else None
+    tokens = security.load_tokens(settings.auth_token_file, inline)
+    if tokens is None:
+        log.warning("no RANKER_AUTH_TOKEN_FILE or RANKER_AUTH_TOKENS: mutating and admin RPCs are open to anyone")
+        return chain
+    if settings.tls_cert_file is None:
+        log.warning("tokens travel in clear without TLS: set RANKER_TLS_CERT_FILE or terminate TLS in front")
+    chain.append(security.AuthInterceptor(tokens, protect_rank=settings.auth_required_for_rank))
+    return chain
+
+
+async def start_server(
+    settings: Settings,
+    current: Callable[[], Ranker],
+    *,
+    catalog: CatalogUpdates | None = None,
+    switch: ReleaseSwitch | None = None,
+) -> RunningServer:
+    """Serve Ranker over `current`; with `switch`, RankerAdmin too (release swaps)."""
+    chain = interceptors(settings)
+    if switch is not None:
+        chain.append(ReleaseLeases())  # innermost: an RPC holds its release while its handler runs
     server = grpc.aio.server(
+        interceptors=chain,
         options=[
             ("grpc.max_receive_message_length", settings.max_receive_bytes),
             ("grpc.max_concurrent_streams", settings.max_concurrent_rpcs),
         ],
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
-    ranker_pb2_grpc.add_RankerServicer_to_server(RankerServicer(current, settings), server)
+    ranker_pb2_grpc.add_RankerServicer_to_server(RankerServicer(current, settings, catalog=catalog), server)
+    services = [SERVICE_NAME]
+    if switch is not None:
+        ranker_pb2_grpc.add_RankerAdminServicer_to_server(RankerAdminServicer(switch), server)
+        services.append(ADMIN_SERVICE_NAME)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        (*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    address = f"{settings.host}:{settings.port}"
+    credentials = security.server_credentials(
+        settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
+    )
+    port = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
     await server.start()
+    metrics = observability.serve_metrics(settings.metrics_port, settings.host)
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
     await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server=server, port=port, health=health)
+    return RunningServer(server=server, port=port, health=health, metrics=metrics)
 
 
 @contextlib.asynccontextmanager
 async def triton_endpoint(settings: Settings, release: Release) -> AsyncIterator[str]:
-    """The Triton gRPC URL to use: the configured one, or an embedded local server for the release."""
+    """The Triton gRPC URL to use: the configured one, or an embedded local server. The embedded one starts empty
+    in explicit model-control mode (the ranker loads each release's models: ranker.swap); with
+    RANKER_TRITON_MODELS=preloaded it serves the release's model repository instead."""
     if settings.triton_url != "embedded":
         yield settings.triton_url
         return
-    local = LocalTritonServer(
-        release.model_repository,
-        models=[release.manifest.encoder.name, release.manifest.ranker.name],
-        model_config_name=settings.triton_config_name,
-    )
+    if settings.triton_models == "preloaded":
+        local = LocalTritonServer(
+            release.model_repository,
+            models=[release.manifest.encoder.name, release.manifest.ranker.name],
+            model_config_name=config_variant(settings),
+        )
+    else:
+        local = LocalTritonServer(None, model_control_mode="explicit", model_config_name=None)
     await asyncio.to_thread(local.start)
     log.info("embedded tritonserver ready at %s (pid %s)", local.grpc_url, local.pid)
     try:
@@ -83,14 +132,100 @@ async def triton_endpoint(settings: Settings, release: Release) -> AsyncIterator
         await asyncio.to_thread(local.stop)
 
 
-def build_ranker(release: Release, models: TritonModels, settings: Settings) -> Ranker:
+def config_variant(settings: Settings) -> str | None:
+    """Which configuration of each model Triton gets: RANKER_TRITON_CONFIG_NAME, else 'cpu' for the embedded
+    server (python backend only) and config.pbtxt (None) for an external one."""
+    if settings.triton_config_name is not None:
+        return settings.triton_config_name if settings.triton_config_name not in ("", "default") else None
+    return "cpu" if settings.triton_url == "embedded" else None
+
+
+def build_ranker(
+    release: Release,
+    models: TritonModels,
+    settings: Settings,
+    personalizer: Personalizer | None = None,
+    names: Mapping[str, str] | None = None,
+) -> Ranker:
+    """The pipeline for a release over Triton; `names` maps the release's model names to the names Triton serves
+    them under (ranker.swap.triton_name; default: the same names)."""
     manifest = release.manifest
+    enc, rnk = manifest.encoder, manifest.ranker
+    names = names or {}
     return Ranker(
         release,
-        encoder=TritonEncoder(models, model=manifest.encoder.name, version=manifest.encoder.version),
-        scorer=TritonScorer(models, model=manifest.ranker.name, version=manifest.ranker.version),
+        encoder=TritonEncoder(models, model=names.get(enc.name, enc.name), label=enc.name, version=enc.version),
+        scorer=TritonScorer(models, model=names.get(rnk.name, rnk.name), label=rnk.name, version=rnk.version),
         tokenizer=QueryTokenizer(release.path / TOKENIZER, manifest.max_query_tokens),
         settings=PipelineSettings.for_release(manifest, dense_k=settings.dense_k, lexical_k=settings.lexical_k),
+        personalizer=personalizer,
+    )
+
+
+async def open_personalizer(settings: Settings) -> Personalizer | None:
+    """User profiles in the configured store (docs/personalization.md).
+
+    An embedded store that cannot be opened in the default state directory turns profiles off (Rank with a
+    user_id answers UNAVAILABLE personalisation, RecordEvents FAILED_PRECONDITION) rather than stopping the
+    server; one configured explicitly must open. An unreachable Redis is only logged: it may come back."""
+    try:
+        store = profiles.open_store(
+            settings.profile_store,
+            state_dir=settings.state_dir,
+            ttl_s=settings.profile_ttl_s,
+            dedup_ttl_s=settings.event_dedup_ttl_s,
+            timeout_s=max(settings.profile_timeout_s, 1.0),
+        )
+    except (BackendError, OSError) as e:
+        if {"state_dir", "profile_store"} & settings.model_fields_set:
+            raise SystemExit(f"cannot open the profile store {settings.profile_store!r}: {e}") from e
+        log.error("user profiles are off: %s (set RANKER_STATE_DIR or RANKER_PROFILE_STORE)", e)
+        return None
+    if isinstance(store, profiles.RedisProfileStore):
+        try:
+            await store.ping()
+        except BackendError as e:
+            log.warning("profile store not reachable yet, Rank answers without profiles until it is: %s", e)
+    log.info("user profiles in %s", "redis" if isinstance(store, profiles.RedisProfileStore) else store.path)
+    return Personalizer(
+        store=store,
+        config=profiles.ProfileConfig(half_life_s=settings.profile_half_life_s),
+        timeout_s=settings.profile_timeout_s,
+    )
+
+
+async def live_catalog(ranker: Ranker, settings: Settings) -> LiveCatalog:
+    """The ranker with the catalog changes journaled in the state directory replayed (docs/catalog-updates.md).
+
+    An unwritable default state directory turns catalog updates off (FAILED_PRECONDITION) rather than
+    stopping the server; one set explicitly (RANKER_STATE_DIR) must be writable (OSError otherwise)."""
+    return await LiveCatalog.open(
+        ranker,
+        tokenizer=item_tokenizer(ranker.release),
+        state_dir=settings.state_dir,
+        call_timeout=max(settings.triton_timeout_s, 30.0),
+        writable="state_dir" in settings.model_fields_set,
+    )
+
+
+def release_switch(settings: Settings, models: TritonModels, personalizer: Personalizer | None) -> ReleaseSwitch:
+    """The serving release and its swaps (ranker.swap), with these settings' pipeline and catalog."""
+    parts = ReleaseParts(
+        load=lambda path: load_release(settings, path),
+        build=lambda release, names: build_ranker(release, models, settings, personalizer, names),
+        open_catalog=lambda ranker: live_catalog(ranker, settings),
+    )
+    return ReleaseSwitch(
+        parts,
+        models,
+        SwitchSettings(
+            models=settings.triton_models,
+            config_variant=config_variant(settings),
+            load_timeout_s=settings.triton_load_timeout_s,
+            startup_wait_s=settings.triton_startup_wait_s,
+            drain_s=settings.release_drain_s,
+            keep_previous=settings.release_keep_previous,
+        ),
     )
 
 
@@ -103,38 +238,56 @@ async def warm_up(ranker: Ranker, timeout: float, rounds: int = 3) -> None:
         log.warning("warm-up answered degraded: %s", result.degraded_reason)
 
 
+def load_release(settings: Settings, path: Path) -> Release:
+    """A release as these settings serve it: ANN backend, search breadth, policy override."""
+    return Release.load(
+        path,
+        ef_search=settings.ef_search,
+        policy_override=settings.policy_file,
+        dense_backend=settings.dense_backend,
+        vector_engine_url=settings.vector_engine_url,
+    )
+
+
 async def serve(settings: Settings) -> None:
     """Load the release, connect to Triton, serve until SIGTERM/SIGINT, then drain and stop."""
     if settings.release is None:
         raise SystemExit("no release: pass --release DIR or set RANKER_RELEASE")
-    release = await asyncio.to_thread(
-        Release.load, settings.release, ef_search=settings.ef_search, policy_override=settings.policy_file
-    )
+    release = await asyncio.to_thread(load_release, settings, settings.release)
     log.info("release %s loaded: %d items", release.manifest.release_id, len(release.catalog))
     async with triton_endpoint(settings, release) as url:
         models = TritonModels(url)
         try:
+            personalizer = await open_personalizer(settings)
+            switch = release_switch(settings, models, personalizer)
             try:
-                await models.wait_ready(
-                    [release.manifest.encoder.name, release.manifest.ranker.name],
-                    timeout=settings.triton_startup_wait_s,
-                )
-            except BackendUnavailable as e:
-                # Serve anyway: Rank degrades to lexical retrieval until Triton is back.
-                log.warning("starting without Triton: %s", e)
-            ranker = build_ranker(release, models, settings)
+                # Without Triton it serves anyway: Rank degrades to lexical retrieval until Triton is back.
+                ranker = await switch.start(release)
+            except (NotConfigured, NotFound) as e:
+                raise SystemExit(str(e)) from e
+            except (JournalError, BackendError, OSError) as e:
+                raise SystemExit(f"cannot replay the catalog updates in {settings.state_dir}: {e}") from e
+            observability.METRICS.set_release(release.manifest.release_id, ranker.model_versions)
             await warm_up(ranker, settings.triton_timeout_s)
-            running = await start_server(settings, lambda: ranker)
+            running = await start_server(settings, switch.current, catalog=switch, switch=switch)
+            keeper = asyncio.create_task(switch.keep_loaded())
             log.info(
-                "ranker.v1.Ranker serving on %s:%d (release %s, triton %s)",
+                "ranker.v1.Ranker serving on %s:%d (release %s, triton %s, models %s)",
                 settings.host,
                 running.port,
                 release.manifest.release_id,
                 url,
+                switch.model_loading,
             )
             await _wait_for_signal()
             log.info("stopping: draining in-flight RPCs for up to %.1fs", settings.grace_s)
             await running.stop(settings.grace_s)
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+            switch.close()
+            if personalizer is not None:
+                await personalizer.store.close()
         finally:
             await models.close()
 

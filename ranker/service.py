@@ -7,17 +7,39 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import uuid
 from collections.abc import Callable, Mapping
+from datetime import UTC
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import grpc
 
 from ranker.config import Settings
-from ranker.domain import DiversityMethod, DiversitySpec, RankQuery, RankResult, Rule, RuleAction
-from ranker.errors import InvalidArgument, RankerError, status_code
+from ranker.domain import (
+    DEFAULT_STRENGTH,
+    CatalogItem,
+    DiversityMethod,
+    DiversitySpec,
+    Personalization,
+    RankQuery,
+    RankResult,
+    Rule,
+    RuleAction,
+)
+from ranker.errors import InvalidArgument, NotConfigured, RankerError, status_code
+from ranker.events import Event, EventLimits, EventType, RawEvent, Rejection, check_events
+from ranker.live_catalog import CatalogUpdates
+from ranker.personal import Personalizer
 from ranker.pipeline import Ranker, check_candidate_ids
 from ranker.policy import DEFAULT, Policy, make_rule
+from ranker.privacy import user_ref
+from ranker.profiles import ItemSpace
 from ranker.v1 import ranker_pb2, ranker_pb2_grpc
+
+if TYPE_CHECKING:
+    from ranker.swap import ReleaseStamp, Swapped
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +48,7 @@ _METHODS = {
     ranker_pb2.DIVERSITY_METHOD_NONE: DiversityMethod.NONE,
     ranker_pb2.DIVERSITY_METHOD_MMR: DiversityMethod.MMR,
     ranker_pb2.DIVERSITY_METHOD_DPP: DiversityMethod.DPP,
+    ranker_pb2.DIVERSITY_METHOD_MAX_SUM: DiversityMethod.MAX_SUM,
 }
 _ACTIONS = {
     ranker_pb2.RULE_ACTION_PIN: RuleAction.PIN,
@@ -33,10 +56,26 @@ _ACTIONS = {
     ranker_pb2.RULE_ACTION_BOOST: RuleAction.BOOST,
     ranker_pb2.RULE_ACTION_BURY: RuleAction.BURY,
 }
+_PERSONALIZATION = {
+    Personalization.NONE: ranker_pb2.PERSONALIZATION_NONE,
+    Personalization.APPLIED: ranker_pb2.PERSONALIZATION_APPLIED,
+    Personalization.COLD_START: ranker_pb2.PERSONALIZATION_COLD_START,
+    Personalization.UNAVAILABLE: ranker_pb2.PERSONALIZATION_UNAVAILABLE,
+}
+_EVENT_TYPES = {
+    ranker_pb2.EVENT_TYPE_VIEW: EventType.VIEW,
+    ranker_pb2.EVENT_TYPE_CLICK: EventType.CLICK,
+    ranker_pb2.EVENT_TYPE_ADD_TO_CART: EventType.ADD_TO_CART,
+    ranker_pb2.EVENT_TYPE_PURCHASE: EventType.PURCHASE,
+    ranker_pb2.EVENT_TYPE_SEARCH: EventType.SEARCH,
+}
 MAX_ID_CHARS = 256
 MAX_CATEGORIES = 100
 MAX_RULES = 50
-DEFAULT_STRENGTH = 0.3  # a method named without a strength
+MAX_UPSERT_ITEMS = 1000
+MAX_DELETE_ITEMS = 10_000
+MAX_TITLE_CHARS = 1000
+UPSERT_TIMEOUT_S = 60.0  # for embedding an upsert's titles when the caller sets no deadline
 
 
 def _check_length(field: str, value: str, limit: int) -> None:
@@ -50,28 +89,36 @@ def _check_price(field: str, value: float) -> None:
 
 
 def _diversity(request: ranker_pb2.RankRequest, max_top_k: int, policy: Policy) -> DiversitySpec | None:
-    """The request's diversity, or None for the policy's default. An unspecified method with caps or a
-    strength keeps the policy's method."""
+    """The request's diversity, or None for the policy's default. An unspecified method with caps, a
+    strength or a window keeps the policy's method; an unset strength or window is the policy's when
+    the method is the policy's."""
     d = request.diversity
     if d.method not in _METHODS:
         raise InvalidArgument("diversity.method", f"unknown method {d.method}; known: {sorted(_METHODS)}")
     strength = d.strength if d.HasField("strength") else None
     if strength is not None and (not math.isfinite(strength) or not 0.0 <= strength <= 1.0):
         raise InvalidArgument("diversity.strength", f"must be in 0..1, got {strength!r}")
-    for name in ("max_per_category", "max_per_brand"):
-        cap = getattr(d, name)
-        if cap > max_top_k:
-            raise InvalidArgument(f"diversity.{name}", f"must be 0..{max_top_k}, got {cap}")
+    window = d.window if d.HasField("window") else None
+    for name in ("max_per_category", "max_per_brand", "window"):
+        value = getattr(d, name)
+        if value > max_top_k:
+            raise InvalidArgument(f"diversity.{name}", f"must be 0..{max_top_k}, got {value}")
     if d.method == ranker_pb2.DIVERSITY_METHOD_UNSPECIFIED:
-        if strength is None and not d.max_per_category and not d.max_per_brand:
+        if strength is None and window is None and not d.max_per_category and not d.max_per_brand:
             return None
         method = policy.diversity.method
     else:
         method = _METHODS[d.method]
     if strength is None:
-        strength = policy.diversity.strength if method is policy.diversity.method else DEFAULT_STRENGTH
+        strength = policy.diversity.strength if method is policy.diversity.method else DEFAULT_STRENGTH[method]
+    if window is None:
+        window = policy.diversity.window if method is policy.diversity.method else 0
     return DiversitySpec(
-        method=method, strength=strength, max_per_category=d.max_per_category, max_per_brand=d.max_per_brand
+        method=method,
+        strength=strength,
+        max_per_category=d.max_per_category,
+        max_per_brand=d.max_per_brand,
+        window=window,
     )
 
 
@@ -111,10 +158,12 @@ def to_query(
     _check_length("query", request.query, settings.max_query_chars)
     if request.HasField("user_id"):
         _check_length("user_id", request.user_id, MAX_ID_CHARS)
+    user_id = request.user_id if request.HasField("user_id") and request.user_id.strip() else None
     candidate_ids = tuple(request.candidate_ids)
     check_candidate_ids(candidate_ids, row_of, settings.max_candidate_ids)
-    if not request.query.strip() and not candidate_ids:
-        raise InvalidArgument("query", "must not be empty when candidate_ids is empty")
+    if not request.query.strip() and not candidate_ids and user_id is None:
+        # With a user_id and no query, Rank recommends from the user's profile.
+        raise InvalidArgument("query", "must not be empty when candidate_ids is empty and user_id is unset")
     top_k = request.top_k if request.HasField("top_k") else settings.default_top_k
     if not 1 <= top_k <= settings.max_top_k:
         raise InvalidArgument("top_k", f"must be 1..{settings.max_top_k}, got {top_k}")
@@ -137,7 +186,7 @@ def to_query(
         request_id=request.request_id or uuid.uuid4().hex,
         query=request.query,
         top_k=top_k,
-        user_id=request.user_id if request.HasField("user_id") else None,
+        user_id=user_id,
         candidate_ids=candidate_ids,
         categories=frozenset(filters.categories),
         min_price=min_price,
@@ -146,6 +195,7 @@ def to_query(
         weights=dict(request.blend.weights),
         diversity=_diversity(request, settings.max_top_k, policy),
         rules=_rules(request, row_of, policy),
+        exclude_purchased=request.exclude_purchased,
     )
 
 
@@ -162,6 +212,7 @@ def to_response(result: RankResult, ranker: Ranker) -> ranker_pb2.RankResponse:
         degraded=result.degraded,
         degraded_reason=result.degraded_reason,
         candidates=result.candidates,
+        personalization=_PERSONALIZATION[result.personalization],
     )
     for item in result.items:
         response.items.append(
@@ -183,12 +234,138 @@ def to_response(result: RankResult, ranker: Ranker) -> ranker_pb2.RankResponse:
     return response
 
 
-class RankerServicer(ranker_pb2_grpc.RankerServicer):
-    """The Ranker service; `current` returns the serving Ranker (a release swap replaces it)."""
+def _check_item_id(field: str, value: str) -> None:
+    if not value.strip():
+        raise InvalidArgument(field, "must not be empty")
+    if value != value.strip():
+        raise InvalidArgument(field, f"must not start or end with whitespace, got {value[:64]!r}")
+    _check_length(field, value, MAX_ID_CHARS)
 
-    def __init__(self, current: Callable[[], Ranker], settings: Settings) -> None:
+
+def _optional_number(item: ranker_pb2.CatalogItem, name: str, where: str, minimum: float | None) -> float | None:
+    if not item.HasField(name):
+        return None
+    value = float(getattr(item, name))
+    if not math.isfinite(value) or (minimum is not None and value < minimum):
+        domain = "a finite number" if minimum is None else f"a finite number >= {minimum:g}"
+        raise InvalidArgument(f"{where}.{name}", f"must be {domain}, got {value!r}")
+    return value
+
+
+def _optional_text(item: ranker_pb2.CatalogItem, name: str, where: str) -> str | None:
+    value = str(getattr(item, name))
+    _check_length(f"{where}.{name}", value, MAX_ID_CHARS)
+    return value.strip() or None  # as the export reads an empty category or brand
+
+
+def to_catalog_item(item: ranker_pb2.CatalogItem, where: str) -> CatalogItem:
+    _check_item_id(f"{where}.item_id", item.item_id)
+    _check_length(f"{where}.title", item.title, MAX_TITLE_CHARS)
+    title = item.title.strip()
+    if not title:
+        raise InvalidArgument(f"{where}.title", "must not be empty")
+    created_at = None
+    if item.HasField("created_at"):
+        try:
+            created_at = item.created_at.ToDatetime(tzinfo=UTC).date()
+        except (ValueError, OverflowError) as e:
+            raise InvalidArgument(f"{where}.created_at", f"must be a valid timestamp, got {item.created_at}") from e
+    return CatalogItem(
+        item_id=item.item_id,
+        title=title,
+        category=_optional_text(item, "category", where),
+        brand=_optional_text(item, "brand", where),
+        price=_optional_number(item, "price", where, minimum=0.0),
+        popularity=_optional_number(item, "popularity", where, minimum=0.0),
+        rating=_optional_number(item, "rating", where, minimum=0.0),
+        margin=_optional_number(item, "margin", where, minimum=None),
+        boost=_optional_number(item, "boost", where, minimum=None),
+        in_stock=item.in_stock if item.HasField("in_stock") else None,
+        created_at=created_at,
+    )
+
+
+def to_catalog_items(request: ranker_pb2.UpsertItemsRequest) -> tuple[CatalogItem, ...]:
+    """Validate an UpsertItemsRequest; every violation names the field (items[3].price), the value and the limit."""
+    if not 1 <= len(request.items) <= MAX_UPSERT_ITEMS:
+        raise InvalidArgument("items", f"must hold 1..{MAX_UPSERT_ITEMS} items, got {len(request.items)}")
+    first: dict[str, int] = {}
+    items = []
+    for i, item in enumerate(request.items):
+        items.append(to_catalog_item(item, f"items[{i}]"))
+        if item.item_id in first:
+            raise InvalidArgument(f"items[{i}].item_id", f"repeats items[{first[item.item_id]}]: {item.item_id[:64]!r}")
+        first[item.item_id] = i
+    return tuple(items)
+
+
+def to_item_ids(request: ranker_pb2.DeleteItemsRequest) -> tuple[str, ...]:
+    """Validate a DeleteItemsRequest; a repeated id is deleted once."""
+    if not 1 <= len(request.item_ids) <= MAX_DELETE_ITEMS:
+        raise InvalidArgument("item_ids", f"must hold 1..{MAX_DELETE_ITEMS} ids, got {len(request.item_ids)}")
+    for i, item_id in enumerate(request.item_ids):
+        _check_item_id(f"item_ids[{i}]", item_id)
+    return tuple(dict.fromkeys(request.item_ids))
+
+
+def _personalizer(ranker: Ranker) -> Personalizer:
+    if ranker.personalizer is None:
+        raise NotConfigured("this server keeps no user profiles (no profile store)")
+    return ranker.personalizer
+
+
+def event_limits(settings: Settings) -> EventLimits:
+    return EventLimits(
+        max_events=settings.max_events_per_request,
+        max_id_chars=MAX_ID_CHARS,
+        max_query_chars=settings.max_query_chars,
+        max_future_s=settings.event_max_future_s,
+    )
+
+
+def _raw_event(event: ranker_pb2.Event) -> RawEvent:
+    timestamp = None
+    if event.HasField("timestamp"):
+        timestamp = event.timestamp.seconds + event.timestamp.nanos / 1e9
+        if not 0 <= event.timestamp.nanos < 1_000_000_000:
+            timestamp = math.nan  # rejected as an invalid time
+    return RawEvent(
+        event_id=event.event_id,
+        user_id=event.user_id,
+        item_id=event.item_id,
+        type=_EVENT_TYPES.get(event.type),
+        type_value=int(event.type),
+        timestamp=timestamp,
+        query=event.query,
+    )
+
+
+def to_events(
+    request: ranker_pb2.RecordEventsRequest, ranker: Ranker, settings: Settings, now: float
+) -> tuple[list[Event], list[Rejection]]:
+    """Valid events and rejections (each with its index and reason); too many events raises InvalidArgument."""
+    limits = event_limits(settings)
+    if len(request.events) > limits.max_events:  # before converting a huge batch
+        raise InvalidArgument("events", f"at most {limits.max_events} events per request, got {len(request.events)}")
+    catalog = ranker.release.catalog
+    return check_events(
+        [_raw_event(e) for e in request.events],
+        is_live_item=lambda item_id: catalog.live_row(item_id) is not None,
+        limits=limits,
+        now=now,
+    )
+
+
+class RankerServicer(ranker_pb2_grpc.RankerServicer):
+    """The Ranker service; `current` returns the serving Ranker (a release swap or a catalog update replaces
+    it); `catalog` takes online catalog updates (without it, UpsertItems and DeleteItems are UNIMPLEMENTED)."""
+
+    def __init__(
+        self, current: Callable[[], Ranker], settings: Settings, *, catalog: CatalogUpdates | None = None
+    ) -> None:
         self._current = current
         self._settings = settings
+        self._catalog = catalog
 
     async def Rank(self, request: ranker_pb2.RankRequest, context: grpc.aio.ServicerContext) -> ranker_pb2.RankResponse:
         ranker = self._current()
@@ -203,7 +380,123 @@ class RankerServicer(ranker_pb2_grpc.RankerServicer):
             await context.abort(grpc.StatusCode.INTERNAL, "internal error")
         raise AssertionError("unreachable: context.abort raises")
 
+    async def UpsertItems(
+        self, request: ranker_pb2.UpsertItemsRequest, context: grpc.aio.ServicerContext
+    ) -> ranker_pb2.UpsertItemsResponse:
+        catalog = await self._live_catalog(context)
+        try:
+            items = to_catalog_items(request)
+            remaining = context.time_remaining()
+            timeout = UPSERT_TIMEOUT_S if remaining is None else max(0.001, remaining)
+            applied = await catalog.upsert(items, timeout=timeout)
+            return ranker_pb2.UpsertItemsResponse(inserted=applied.inserted, updated=applied.updated)
+        except RankerError as e:
+            await context.abort(status_code(e), str(e))
+        except Exception:
+            log.exception("UpsertItems failed (%d items)", len(request.items))
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        raise AssertionError("unreachable: context.abort raises")
+
+    async def DeleteItems(
+        self, request: ranker_pb2.DeleteItemsRequest, context: grpc.aio.ServicerContext
+    ) -> ranker_pb2.DeleteItemsResponse:
+        catalog = await self._live_catalog(context)
+        try:
+            applied = await catalog.delete(to_item_ids(request))
+            return ranker_pb2.DeleteItemsResponse(deleted=applied.deleted, not_found=list(applied.not_found))
+        except RankerError as e:
+            await context.abort(status_code(e), str(e))
+        except Exception:
+            log.exception("DeleteItems failed (%d ids)", len(request.item_ids))
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        raise AssertionError("unreachable: context.abort raises")
+
+    async def RecordEvents(
+        self, request: ranker_pb2.RecordEventsRequest, context: grpc.aio.ServicerContext
+    ) -> ranker_pb2.RecordEventsResponse:
+        ranker = self._current()
+        try:
+            personalizer = _personalizer(ranker)
+            events, rejected = to_events(request, ranker, self._settings, time.time())
+            counts = await personalizer.record(ItemSpace.of(ranker.release), events)
+            log.info(
+                "RecordEvents: %d applied, %d duplicates, %d rejected (%d users)",
+                counts.applied,
+                counts.duplicates,
+                len(rejected),
+                len({e.user_id for e in events}),
+            )
+            return ranker_pb2.RecordEventsResponse(
+                applied=counts.applied,
+                duplicates=counts.duplicates,
+                rejected=[
+                    ranker_pb2.EventRejection(index=r.index, event_id=r.event_id, reason=r.reason) for r in rejected
+                ],
+            )
+        except RankerError as e:
+            await context.abort(status_code(e), str(e))
+        except Exception:
+            log.exception("RecordEvents failed (%d events)", len(request.events))
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        raise AssertionError("unreachable: context.abort raises")
+
+    async def ForgetUser(
+        self, request: ranker_pb2.ForgetUserRequest, context: grpc.aio.ServicerContext
+    ) -> ranker_pb2.ForgetUserResponse:
+        try:
+            if not request.user_id.strip():
+                raise InvalidArgument("user_id", "must not be empty")
+            _check_length("user_id", request.user_id, MAX_ID_CHARS)
+            existed = await _personalizer(self._current()).forget(request.user_id)
+            log.info("ForgetUser %s: %s", user_ref(request.user_id), "deleted" if existed else "nothing stored")
+            return ranker_pb2.ForgetUserResponse(existed=existed)
+        except RankerError as e:
+            await context.abort(status_code(e), str(e))
+        except Exception:
+            log.exception("ForgetUser failed (%s)", user_ref(request.user_id))
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        raise AssertionError("unreachable: context.abort raises")
+
+    async def _live_catalog(self, context: grpc.aio.ServicerContext) -> CatalogUpdates:
+        if self._catalog is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this server does not take catalog updates")
+            raise AssertionError("unreachable: context.abort raises")
+        return self._catalog
+
     def _timeout(self, context: grpc.aio.ServicerContext) -> float:
         remaining = context.time_remaining()
         limit = self._settings.triton_timeout_s
         return limit if remaining is None else max(0.001, min(limit, remaining))
+
+
+class ReleaseLoader(Protocol):
+    async def load(self, path: Path) -> Swapped: ...
+
+
+def _release_info(stamp: ReleaseStamp) -> ranker_pb2.ReleaseInfo:
+    return ranker_pb2.ReleaseInfo(release_id=stamp.release_id, model_versions=dict(stamp.model_versions))
+
+
+class RankerAdminServicer(ranker_pb2_grpc.RankerAdminServicer):
+    """RankerAdmin: LoadRelease swaps the serving release (ranker.swap.ReleaseSwitch)."""
+
+    def __init__(self, releases: ReleaseLoader) -> None:
+        self._releases = releases
+
+    async def LoadRelease(
+        self, request: ranker_pb2.LoadReleaseRequest, context: grpc.aio.ServicerContext
+    ) -> ranker_pb2.LoadReleaseResponse:
+        try:
+            if not request.path.strip():
+                raise InvalidArgument("path", "must not be empty")
+            _check_length("path", request.path, 4096)
+            swapped = await self._releases.load(Path(request.path))
+            return ranker_pb2.LoadReleaseResponse(
+                previous=_release_info(swapped.previous), current=_release_info(swapped.current), millis=swapped.millis
+            )
+        except RankerError as e:
+            await context.abort(status_code(e), str(e))
+        except Exception:
+            log.exception("LoadRelease failed (%s)", request.path[:4096])
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        raise AssertionError("unreachable: context.abort raises")

@@ -132,11 +132,15 @@ class LocalTritonServer:
 
         with LocalTritonServer(repo) as server:
             TritonModels(server.grpc_url) ...
+
+    In explicit model-control mode it loads only `models` at start; with none, and `model_repository`
+    None (an empty folder), it starts empty and models are loaded through Triton's repository API, as
+    the service does (ranker.swap).
     """
 
     def __init__(
         self,
-        model_repository: Path,
+        model_repository: Path | None,
         *,
         models: Sequence[str] = (),
         model_control_mode: str = "none",
@@ -152,8 +156,11 @@ class LocalTritonServer:
     ) -> None:
         if model_control_mode not in CONTROL_MODES:
             raise ValueError(f"model_control_mode must be one of {CONTROL_MODES}, got {model_control_mode!r}")
-        if model_control_mode == "explicit" and not models:
-            raise ValueError("model_control_mode 'explicit' needs the list of models to load")
+        if model_repository is None and model_control_mode != "explicit":
+            raise ValueError("without a model repository the server must use model_control_mode 'explicit'")
+        self._own_repository = model_repository is None
+        if model_repository is None:
+            model_repository = Path(tempfile.mkdtemp(prefix="ranker-triton-repository-"))
         self.model_repository = Path(model_repository).resolve()
         self.models = list(models)
         self.model_control_mode = model_control_mode
@@ -213,6 +220,8 @@ class LocalTritonServer:
         """Start the server and block until it and every expected model are ready."""
         if self.running:
             return self
+        if self._own_repository:
+            self.model_repository.mkdir(parents=True, exist_ok=True)
         if not self.model_repository.is_dir():
             raise TritonServerError(f"model repository {self.model_repository} does not exist")
         backend_dir = prepare_backends(self.cache_dir)
@@ -241,6 +250,8 @@ class LocalTritonServer:
         return self
 
     def _expected_models(self) -> list[str]:
+        if self.model_control_mode == "explicit":
+            return self.models  # possibly none: models are loaded later through the repository API
         return self.models or discover_models(self.model_repository)
 
     def _wait_ready(self, started: float) -> None:
@@ -266,16 +277,17 @@ class LocalTritonServer:
     def stop(self) -> None:
         """SIGTERM (Triton drains in-flight requests), then SIGKILL after stop_timeout."""
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=self.stop_timeout)
-        except subprocess.TimeoutExpired:
+        if process is not None and process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            process.wait()
+                process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                process.wait()
+        if self._own_repository:  # empty: models loaded through the API live in Triton's own temporary folders
+            shutil.rmtree(self.model_repository, ignore_errors=True)
 
     def model_config(self, model: str) -> dict[str, object]:
         """The config Triton actually loaded for a model (shows which variant was picked)."""

@@ -24,6 +24,7 @@ class DiversityMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DIVERSITY_METHOD_NONE: _ClassVar[DiversityMethod]
     DIVERSITY_METHOD_MMR: _ClassVar[DiversityMethod]
     DIVERSITY_METHOD_DPP: _ClassVar[DiversityMethod]
+    DIVERSITY_METHOD_MAX_SUM: _ClassVar[DiversityMethod]
 
 class Personalization(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -50,6 +51,7 @@ DIVERSITY_METHOD_UNSPECIFIED: DiversityMethod
 DIVERSITY_METHOD_NONE: DiversityMethod
 DIVERSITY_METHOD_MMR: DiversityMethod
 DIVERSITY_METHOD_DPP: DiversityMethod
+DIVERSITY_METHOD_MAX_SUM: DiversityMethod
 PERSONALIZATION_UNSPECIFIED: Personalization
 PERSONALIZATION_NONE: Personalization
 PERSONALIZATION_APPLIED: Personalization
@@ -128,16 +130,18 @@ class BlendOverrides(_message.Message):
     def __init__(self, weights: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class DiversityOptions(_message.Message):
-    __slots__ = ("method", "strength", "max_per_category", "max_per_brand")
+    __slots__ = ("method", "strength", "max_per_category", "max_per_brand", "window")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     STRENGTH_FIELD_NUMBER: _ClassVar[int]
     MAX_PER_CATEGORY_FIELD_NUMBER: _ClassVar[int]
     MAX_PER_BRAND_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
     method: DiversityMethod
     strength: float
     max_per_category: int
     max_per_brand: int
-    def __init__(self, method: _Optional[_Union[DiversityMethod, str]] = ..., strength: _Optional[float] = ..., max_per_category: _Optional[int] = ..., max_per_brand: _Optional[int] = ...) -> None: ...
+    window: int
+    def __init__(self, method: _Optional[_Union[DiversityMethod, str]] = ..., strength: _Optional[float] = ..., max_per_category: _Optional[int] = ..., max_per_brand: _Optional[int] = ..., window: _Optional[int] = ...) -> None: ...
 
 class RankResponse(_message.Message):
     __slots__ = ("request_id", "items", "release", "timings", "degraded", "degraded_reason", "candidates", "personalization")

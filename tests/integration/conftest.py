@@ -114,7 +114,14 @@ def ranker_target(
             cwd=ROOT,
             stdout=sink,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "RANKER_TRITON_TIMEOUT_S": "5"},
+            # Metrics off: the default port 9464 would clash between concurrent test sessions.
+            # Its own state directory: catalog updates journaled elsewhere must not leak into these tests.
+            env={
+                **os.environ,
+                "RANKER_TRITON_TIMEOUT_S": "5",
+                "RANKER_METRICS_PORT": "0",
+                "RANKER_STATE_DIR": str(tmp_path_factory.mktemp("state")),
+            },
         )
     target = f"127.0.0.1:{port}"
     try:

@@ -79,7 +79,13 @@ def test_mmr_diversifies_the_top_10_at_a_small_cost(example_release: Path) -> No
     plain = evaluate(example_release, "--split", "dev")
     mmr = evaluate(example_release, "--split", "dev", "--diversity", "mmr", "--diversity-strength", "0.5")
     assert plain["attributes"] == mmr["attributes"] == "given"  # the example catalog has categories and brands
-    assert mmr["diversity"] == {"method": "mmr", "strength": 0.5, "max_per_category": 0, "max_per_brand": 0}
+    assert mmr["diversity"] == {
+        "method": "mmr",
+        "strength": 0.5,
+        "max_per_category": 0,
+        "max_per_brand": 0,
+        "window": 0,
+    }
     # The same queries, a more varied top 10: less similar items, more categories and brands.
     assert mmr["queries"] == plain["queries"]
     assert float(mmr["ild@10"]) > float(plain["ild@10"])  # type: ignore[arg-type]

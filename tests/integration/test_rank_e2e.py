@@ -91,6 +91,10 @@ BAD_REQUESTS = {
         "blend.weights['dense']",
     ),
     "1 MB query": (ranker_pb2.RankRequest(query="x" * 1_000_000), "query: must be at most 1000 characters"),
+    "window 500": (
+        ranker_pb2.RankRequest(query="drill", diversity=ranker_pb2.DiversityOptions(window=500)),
+        "diversity.window: must be 0..200, got 500",
+    ),
 }
 
 
@@ -166,6 +170,17 @@ def test_brand_caps_hold_through_the_server(stub: ranker_pb2_grpc.RankerStub) ->
         assert max(categories.count(c) for c in set(categories)) <= 3
         for item in response.items:
             assert math.isclose(sum(c.contribution for c in item.breakdown), item.score, abs_tol=1e-6)
+
+
+def test_max_sum_by_windows_through_the_server(stub: ranker_pb2_grpc.RankerStub) -> None:
+    plain = stub.Rank(ranker_pb2.RankRequest(query="drill", top_k=10), timeout=30)
+    diversity = ranker_pb2.DiversityOptions(method=ranker_pb2.DIVERSITY_METHOD_MAX_SUM, strength=0.3, window=5)
+    response = stub.Rank(ranker_pb2.RankRequest(query="drill", top_k=10, diversity=diversity), timeout=30)
+    assert len(response.items) == 10 and response.items[0].item_id == plain.items[0].item_id
+    assert [item.item_id for item in response.items] != [item.item_id for item in plain.items]
+    assert [item.score for item in response.items] == sorted((item.score for item in response.items), reverse=True)
+    for item in response.items:
+        assert math.isclose(sum(c.contribution for c in item.breakdown), item.score, abs_tol=1e-6)
 
 
 def test_rules_through_the_server(stub: ranker_pb2_grpc.RankerStub) -> None:

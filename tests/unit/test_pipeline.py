@@ -111,3 +111,14 @@ def test_candidate_id_checks_name_the_index() -> None:
         check_candidate_ids(("d1", "d1"), {"d1": 0}, 10)
     with pytest.raises(InvalidArgument, match="at most 1 ids, got 2"):
         check_candidate_ids(("d1", "d1"), {"d1": 0}, 1)
+
+
+def test_max_sum_by_windows_keeps_scores_ordered_and_breakdowns_summing() -> None:
+    spec = DiversitySpec(method=DiversityMethod.MAX_SUM, strength=0.3, window=4)
+    result = rank(make_ranker(), diversity=spec, top_k=8)
+    scores = [item.score for item in result.items]
+    assert scores == sorted(scores, reverse=True)
+    for item in result.items:
+        assert sum(c.contribution for c in item.breakdown) == pytest.approx(item.score, abs=1e-9)
+    again = rank(make_ranker(), diversity=spec, top_k=8)
+    assert [i.item_id for i in again.items] == [i.item_id for i in result.items]  # deterministic

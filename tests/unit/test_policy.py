@@ -60,6 +60,7 @@ def test_a_policy_file_overrides_only_what_it_names(tmp_path: Path) -> None:
         ("[signals.ranker]\nweight = 50", "signals.ranker.weight: must be in 0..10, got 50"),
         ('[signals.ranker]\nnormalization = "log"', "signals.ranker.normalization: must be one of"),
         ('[diversity]\nmethod = "random"', "diversity.method: must be one of"),
+        ("[diversity]\nwindow = 500", "diversity.window: must be in 0..200, got 500"),
         (
             '[[rules]]\naction = "pin"\nitem_ids = ["a", "b"]\nposition = 1',
             "rules[0].item_ids: a pin names exactly one",
@@ -74,3 +75,9 @@ def test_errors_name_the_file_and_key(tmp_path: Path, text: str, message: str) -
     with pytest.raises(InvalidArgument) as caught:
         load_policy(path)
     assert str(path) in str(caught.value) and message in str(caught.value)
+
+
+def test_the_default_diversity_can_be_max_sum_by_windows(tmp_path: Path) -> None:
+    policy = load_policy(write(tmp_path, '[diversity]\nmethod = "max_sum"\nstrength = 0.04\nwindow = 10'))
+    assert policy.diversity.method is DiversityMethod.MAX_SUM
+    assert (policy.diversity.strength, policy.diversity.window) == (0.04, 10)

@@ -41,6 +41,7 @@ def test_defaults() -> None:
         ({"query": "x", "filters": {"min_price": 5, "max_price": 2}}, "filters.min_price: must not exceed"),
         ({"query": "x", "diversity": {"strength": 1.5}}, "diversity.strength: must be in 0..1, got 1.5"),
         ({"query": "x", "diversity": {"max_per_brand": 500}}, "diversity.max_per_brand: must be 0..200, got 500"),
+        ({"query": "x", "diversity": {"window": 201}}, "diversity.window: must be 0..200, got 201"),
         ({"query": "x", "request_id": "r" * 300}, "request_id: must be at most 256 characters, got 300"),
     ],
 )
@@ -111,3 +112,27 @@ def test_valid_rules_and_diversity_defaults() -> None:
     named = query(query="x", diversity={"method": "DIVERSITY_METHOD_MMR"})
     assert named.diversity is not None and named.diversity.method is DiversityMethod.MMR
     assert named.diversity.strength == 0.3
+
+
+def test_max_sum_and_window_come_through_with_the_policys_defaults() -> None:
+    from ranker.domain import DiversitySpec
+    from ranker.policy import Policy
+
+    named = query(query="x", diversity={"method": "DIVERSITY_METHOD_MAX_SUM", "window": 10})
+    assert named.diversity is not None and named.diversity.method is DiversityMethod.MAX_SUM
+    assert named.diversity.strength == 0.04 and named.diversity.window == 10  # max-sum's own default strength
+    assert query(query="x", diversity={"method": "DIVERSITY_METHOD_MMR"}).diversity.window == 0  # type: ignore[union-attr]
+    policy = Policy(diversity=DiversitySpec(method=DiversityMethod.MAX_SUM, strength=0.05, window=10))
+    window_only = to_query(ranker_pb2.RankRequest(query="x", diversity={"window": 5}), SETTINGS, ROW_OF, policy)
+    assert window_only.diversity == DiversitySpec(method=DiversityMethod.MAX_SUM, strength=0.05, window=5)
+    same_method = to_query(
+        ranker_pb2.RankRequest(query="x", diversity={"method": "DIVERSITY_METHOD_MAX_SUM"}), SETTINGS, ROW_OF, policy
+    )
+    assert same_method.diversity == policy.diversity  # unset strength and window: the policy's
+    unwindowed = to_query(
+        ranker_pb2.RankRequest(query="x", diversity={"method": "DIVERSITY_METHOD_MAX_SUM", "window": 0}),
+        SETTINGS,
+        ROW_OF,
+        policy,
+    )
+    assert unwindowed.diversity is not None and unwindowed.diversity.window == 0  # an explicit 0 is kept
