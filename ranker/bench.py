@@ -46,6 +46,7 @@ class LevelResult:
     errors: Counter[str] = field(default_factory=Counter)
     degraded: int = 0
     seconds: float = 0.0
+    stages_ms: dict[str, list[float]] = field(default_factory=dict)  # the server's own per-stage timings
 
     def summary(self) -> dict[str, object]:
         lat = np.array(self.latencies_ms) if self.latencies_ms else np.zeros(1)
@@ -59,6 +60,7 @@ class LevelResult:
             "errors": sum(self.errors.values()),
             "errors_by_code": dict(self.errors),
             "degraded": self.degraded,
+            "stage_p50_ms": {name: float(np.median(values)) for name, values in self.stages_ms.items()},
         }
 
 
@@ -77,6 +79,8 @@ async def _client(
             continue
         out.latencies_ms.append((time.perf_counter() - start) * 1000.0)
         out.degraded += int(response.degraded)
+        for timing in response.timings:
+            out.stages_ms.setdefault(timing.stage, []).append(timing.millis)
 
 
 async def run_level(target: str, queries: Sequence[str], concurrency: int, duration: float, top_k: int) -> LevelResult:
