@@ -88,48 +88,107 @@ def wait_serving(target: str, process: subprocess.Popen[bytes], log: Path, timeo
     raise AssertionError(f"ranker not serving after {timeout}s:\n{log.read_text()[-4000:]}")
 
 
+class RankerProcess:
+    """`python -m ranker serve` on a free port, restartable on the same port with the same settings.
+
+    Each start logs to its own file in `work_dir`. Defaults: metrics off (port 9464 would clash
+    between concurrent test sessions), a private state directory (catalog journal, embedded
+    profiles), a 5 s Triton timeout; `env` (RANKER_* settings) wins over them. With `triton_url`
+    None the ranker starts its own embedded tritonserver.
+    """
+
+    def __init__(
+        self,
+        release: Path,
+        triton_url: str | None,
+        work_dir: Path,
+        env: dict[str, str] | None = None,
+        *,
+        state_dir: Path | None = None,
+    ) -> None:
+        self.release = release
+        self.triton_url = triton_url
+        self.work_dir = work_dir
+        self.state_dir = state_dir or work_dir / "state"
+        self.env = env or {}
+        self.port = free_port()
+        self.starts = 0
+        self.log = work_dir / "ranker-0.log"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def alive(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def start(self) -> RankerProcess:
+        self.starts += 1
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.log = self.work_dir / f"ranker-{self.starts}.log"
+        command = [
+            sys.executable, "-m", "ranker", "serve", "--release", str(self.release),
+            "--port", str(self.port), "--host", "127.0.0.1",
+        ]  # fmt: skip
+        if self.triton_url is not None:
+            command += ["--triton-url", self.triton_url]
+        env = {
+            **os.environ,
+            "RANKER_TRITON_TIMEOUT_S": "5",
+            "RANKER_METRICS_PORT": "0",
+            "RANKER_STATE_DIR": str(self.state_dir),
+            **self.env,
+        }
+        with self.log.open("wb") as sink:
+            self._process = subprocess.Popen(
+                command, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+            )
+        wait_serving(self.target, self._process, self.log)
+        return self
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def __enter__(self) -> str:
+        return self.start().target
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    def logs(self) -> str:
+        """Everything every start of this ranker has logged."""
+        return "".join(p.read_text(errors="replace") for p in sorted(self.work_dir.glob("ranker-*.log")))
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-chars:]
+        except OSError:
+            return "(no ranker log)"
+
+
+def health_status(channel: grpc.Channel, service: str = "") -> int:
+    """The grpc.health.v1 status of `service` on the server behind a blocking channel."""
+    reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+    return int(reply.status)
+
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
 @pytest.fixture(scope="session")
 def ranker_target(
     example_release: Path, triton: LocalTritonServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
     """`python -m ranker serve` on a free port, talking to the session's tritonserver."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("ranker") / "ranker.log"
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "ranker",
-                "serve",
-                "--release",
-                str(example_release),
-                "--port",
-                str(port),
-                "--host",
-                "127.0.0.1",
-                "--triton-url",
-                triton.grpc_url,
-            ],
-            cwd=ROOT,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            # Metrics off: the default port 9464 would clash between concurrent test sessions.
-            # Its own state directory: catalog updates journaled elsewhere must not leak into these tests.
-            env={
-                **os.environ,
-                "RANKER_TRITON_TIMEOUT_S": "5",
-                "RANKER_METRICS_PORT": "0",
-                "RANKER_STATE_DIR": str(tmp_path_factory.mktemp("state")),
-            },
-        )
-    target = f"127.0.0.1:{port}"
-    try:
-        wait_serving(target, process, log)
+    with RankerProcess(example_release, triton.grpc_url, tmp_path_factory.mktemp("ranker")) as target:
         yield target
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,40 +14,14 @@ import pytest
 
 from ranker.tritonserver import LocalTritonServer
 from ranker.v1 import ranker_pb2, ranker_pb2_grpc
-from tests.integration.conftest import ROOT, free_port, wait_serving
+from tests.integration.conftest import RankerProcess, free_port
 
 pytestmark = [pytest.mark.triton, pytest.mark.slow]
 
 
-@contextlib.contextmanager
-def serve(release: Path, triton_url: str, state_dir: Path, log: Path, **env: str) -> Iterator[str]:
-    """A ranker process with its own state directory; stopped (SIGTERM) on exit."""
-    port = free_port()
-    command = [sys.executable, "-m", "ranker", "serve", "--release", str(release), "--port", str(port)]
-    with log.open("ab") as sink:
-        process = subprocess.Popen(
-            [*command, "--host", "127.0.0.1", "--triton-url", triton_url],
-            cwd=ROOT,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            env={
-                **os.environ,
-                "RANKER_TRITON_TIMEOUT_S": "5",
-                "RANKER_METRICS_PORT": "0",
-                "RANKER_STATE_DIR": str(state_dir),
-                **env,
-            },
-        )
-    target = f"127.0.0.1:{port}"
-    try:
-        wait_serving(target, process, log)
-        yield target
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
+def serve(release: Path, triton_url: str, state_dir: Path, work_dir: Path, **env: str) -> RankerProcess:
+    """A ranker process on the given state directory (a context manager yielding its target)."""
+    return RankerProcess(release, triton_url, work_dir, env, state_dir=state_dir)
 
 
 @contextlib.contextmanager
@@ -88,9 +59,8 @@ def state_dir(tmp_path: Path) -> Path:
 def test_upserts_and_deletes_apply_at_once_and_survive_a_restart(
     example_release: Path, triton: LocalTritonServer, state_dir: Path, tmp_path: Path
 ) -> None:
-    log = tmp_path / "ranker.log"
     drill = "sku-00001"
-    with serve(example_release, triton.grpc_url, state_dir, log) as target, client(target) as stub:
+    with serve(example_release, triton.grpc_url, state_dir, tmp_path) as target, client(target) as stub:
         assert TROWEL.item_id not in [i.item_id for i in top(stub, TROWEL_QUERY, 20)]
         reply = stub.UpsertItems(ranker_pb2.UpsertItemsRequest(items=[TROWEL]), timeout=60)
         assert (reply.inserted, reply.updated) == (1, 0)
@@ -117,14 +87,15 @@ def test_upserts_and_deletes_apply_at_once_and_survive_a_restart(
         assert stub.DeleteItems(ranker_pb2.DeleteItemsRequest(item_ids=[drill]), timeout=30).deleted == 0
 
     # A new ranker process on the same state directory: same catalog, replayed without re-embedding.
-    with serve(example_release, triton.grpc_url, state_dir, log) as target, client(target) as stub:
+    restarted = serve(example_release, triton.grpc_url, state_dir, tmp_path / "restarted")
+    with restarted as target, client(target) as stub:
         lantern = top(stub, "zentrafic solar lantern")[0]
         assert lantern.item_id == TROWEL.item_id and lantern.title == renamed.title
         assert drill not in [i.item_id for i in top(stub, "ryobi 20v compact cordless drill", 50)]
         reply = stub.UpsertItems(ranker_pb2.UpsertItemsRequest(items=[TROWEL]), timeout=60)
         assert (reply.inserted, reply.updated) == (0, 1)
         assert top(stub, TROWEL_QUERY)[0].item_id == TROWEL.item_id
-    assert "replayed onto release" in log.read_text()
+    assert "replayed onto release" in restarted.logs()
 
 
 def test_an_upserted_title_is_embedded_and_scored_like_the_release_embedded_it(
@@ -134,7 +105,7 @@ def test_an_upserted_title_is_embedded_and_scored_like_the_release_embedded_it(
     originals = items["item_id"].to_list()[::8]
     titles = dict(zip(items["item_id"], items["title"], strict=True))
     copies = [ranker_pb2.CatalogItem(item_id=f"copy-{i}", title=titles[i]) for i in originals]
-    with serve(example_release, triton.grpc_url, state_dir, tmp_path / "ranker.log") as target, client(target) as stub:
+    with serve(example_release, triton.grpc_url, state_dir, tmp_path) as target, client(target) as stub:
         reply = stub.UpsertItems(ranker_pb2.UpsertItemsRequest(items=copies), timeout=60)
         assert reply.inserted == len(copies)
         for original in originals:
@@ -153,7 +124,7 @@ def test_invalid_items_are_refused_whole(
     example_release: Path, triton: LocalTritonServer, state_dir: Path, tmp_path: Path
 ) -> None:
     bad = [TROWEL, ranker_pb2.CatalogItem(item_id="x", title="x", price=math.nan)]
-    with serve(example_release, triton.grpc_url, state_dir, tmp_path / "ranker.log") as target, client(target) as stub:
+    with serve(example_release, triton.grpc_url, state_dir, tmp_path) as target, client(target) as stub:
         with pytest.raises(grpc.RpcError) as caught:
             stub.UpsertItems(ranker_pb2.UpsertItemsRequest(items=bad), timeout=30)
         assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
@@ -165,8 +136,7 @@ def test_without_the_text_encoder_an_upsert_is_unavailable_and_applies_nothing(
     example_release: Path, state_dir: Path, tmp_path: Path
 ) -> None:
     nowhere = f"127.0.0.1:{free_port()}"  # no Triton there: Rank degrades, UpsertItems cannot embed
-    log = tmp_path / "ranker.log"
-    unavailable = serve(example_release, nowhere, state_dir, log, RANKER_TRITON_STARTUP_WAIT_S="0")
+    unavailable = serve(example_release, nowhere, state_dir, tmp_path, RANKER_TRITON_STARTUP_WAIT_S="0")
     with unavailable as target, client(target) as stub:
         with pytest.raises(grpc.RpcError) as caught:
             stub.UpsertItems(ranker_pb2.UpsertItemsRequest(items=[TROWEL]), timeout=30)

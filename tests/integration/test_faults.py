@@ -25,8 +25,7 @@ from ranker.profiles import EmbeddedProfileStore
 from ranker.release import MODEL_REPOSITORY
 from ranker.tritonserver import LocalTritonServer
 from ranker.v1 import ranker_pb2, ranker_pb2_grpc
-from tests.integration.conftest import free_port
-from tests.integration.ranker_process import RankerProcess
+from tests.integration.conftest import RankerProcess, free_port
 
 pytestmark = [pytest.mark.triton, pytest.mark.slow]
 

@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 from ranker.release import ITEMS
 from ranker.tritonserver import LocalTritonServer
 from ranker.v1 import ranker_pb2, ranker_pb2_grpc
-from tests.integration.ranker_process import SERVING, RankerProcess, health_status
+from tests.integration.conftest import SERVING, RankerProcess, health_status
 
 pytestmark = [pytest.mark.triton, pytest.mark.slow]
 
@@ -156,7 +156,8 @@ def ranker(
         example_release,
         triton.grpc_url,
         tmp_path_factory.mktemp("fuzz-ranker"),
-        env={"RANKER_TRITON_TIMEOUT_S": "5", "RANKER_PROFILE_STORE": "embedded"},
+        # WARNING: no access log line per fuzzed request.
+        env={"RANKER_TRITON_TIMEOUT_S": "5", "RANKER_PROFILE_STORE": "embedded", "RANKER_LOG_LEVEL": "WARNING"},
     )
     process.start()
     yield process

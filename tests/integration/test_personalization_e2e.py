@@ -4,9 +4,6 @@ RecordEvents -> Rank -> restart -> ForgetUser through the real gRPC server and a
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +13,7 @@ import pytest
 
 from ranker.tritonserver import LocalTritonServer
 from ranker.v1 import ranker_pb2, ranker_pb2_grpc
-from tests.integration.conftest import ROOT, free_port, wait_serving
+from tests.integration.conftest import RankerProcess
 from tests.redis_server import RedisServer, redis_binary
 
 pytestmark = [pytest.mark.triton, pytest.mark.slow]
@@ -24,53 +21,6 @@ pytestmark = [pytest.mark.triton, pytest.mark.slow]
 APPLIED = ranker_pb2.PERSONALIZATION_APPLIED
 COLD_START = ranker_pb2.PERSONALIZATION_COLD_START
 UNAVAILABLE = ranker_pb2.PERSONALIZATION_UNAVAILABLE
-
-
-class RankerProcess:
-    """One `python -m ranker serve`, restartable on the same port with the same settings."""
-
-    def __init__(self, release: Path, triton_url: str, env: dict[str, str], log_dir: Path) -> None:
-        self.release = release
-        self.triton_url = triton_url
-        self.env = env
-        self.log_dir = log_dir
-        self.port = free_port()
-        self.starts = 0
-        self._process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self.starts += 1
-        log = self.log_dir / f"ranker-{self.starts}.log"
-        command = [
-            sys.executable, "-m", "ranker", "serve", "--release", str(self.release),
-            "--port", str(self.port), "--host", "127.0.0.1", "--triton-url", self.triton_url,
-        ]  # fmt: skip
-        with log.open("wb") as sink:
-            self._process = subprocess.Popen(
-                command,
-                cwd=ROOT,
-                stdout=sink,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "RANKER_TRITON_TIMEOUT_S": "5", "RANKER_METRICS_PORT": "0", **self.env},
-            )
-        wait_serving(self.target, self._process, log)
-
-    def stop(self) -> None:
-        if self._process is not None:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
-            self._process = None
-
-    def logs(self) -> str:
-        return "".join(p.read_text(errors="replace") for p in sorted(self.log_dir.glob("ranker-*.log")))
 
 
 @pytest.fixture(scope="module", params=["embedded", "redis"])
@@ -83,7 +33,7 @@ def ranker(
     env = {"RANKER_STATE_DIR": str(tmp_path_factory.mktemp("state"))}
     if request.param == "redis":
         env["RANKER_PROFILE_STORE"] = request.getfixturevalue("redis_url")
-    process = RankerProcess(example_release, triton.grpc_url, env, tmp_path_factory.mktemp("ranker-logs"))
+    process = RankerProcess(example_release, triton.grpc_url, tmp_path_factory.mktemp("ranker-logs"), env)
     process.start()
     yield process
     process.stop()
@@ -192,7 +142,7 @@ def test_redis_down_means_unavailable_personalisation_not_a_failed_rank(
     redis = RedisServer(tmp_path_factory.mktemp("redis-down"), binary)
     redis.start()
     env = {"RANKER_STATE_DIR": str(tmp_path_factory.mktemp("state")), "RANKER_PROFILE_STORE": redis.url}
-    process = RankerProcess(example_release, triton.grpc_url, env, tmp_path_factory.mktemp("ranker-logs"))
+    process = RankerProcess(example_release, triton.grpc_url, tmp_path_factory.mktemp("ranker-logs"), env)
     process.start()
     try:
         client = stub(process.target)

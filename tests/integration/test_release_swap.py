@@ -3,11 +3,8 @@ mode swaps releases A -> B -> A under concurrent Rank load, with no failed RPC, 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -22,7 +19,7 @@ from tritonclient.grpc import InferenceServerClient
 from ranker.swap import triton_name
 from ranker.tritonserver import LocalTritonServer
 from ranker.v1 import ranker_pb2, ranker_pb2_grpc
-from tests.integration.conftest import ROOT, export_release, free_port, wait_serving
+from tests.integration.conftest import RankerProcess, export_release
 
 pytestmark = [pytest.mark.triton, pytest.mark.slow]
 
@@ -58,30 +55,9 @@ def release_id(release: Path) -> str:
     return str(json.loads((release / "manifest.json").read_text())["release_id"])
 
 
-@contextlib.contextmanager
-def ranker(release: Path, log: Path, triton_url: str | None, **env: str) -> Iterator[str]:
+def ranker(release: Path, work_dir: Path, triton_url: str | None, **env: str) -> RankerProcess:
     """`python -m ranker serve` on a free port (with an embedded tritonserver when `triton_url` is None)."""
-    port = free_port()
-    command = [sys.executable, "-m", "ranker", "serve", "--release", str(release), "--port", str(port)]
-    command += ["--host", "127.0.0.1"] + (["--triton-url", triton_url] if triton_url else [])
-    with log.open("ab") as sink:
-        process = subprocess.Popen(
-            command,
-            cwd=ROOT,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "RANKER_METRICS_PORT": "0", "RANKER_TRITON_TIMEOUT_S": "10", **env},
-        )
-    target = f"127.0.0.1:{port}"
-    try:
-        wait_serving(target, process, log)
-        yield target
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+    return RankerProcess(release, triton_url, work_dir, {"RANKER_TRITON_TIMEOUT_S": "10", **env})
 
 
 @dataclass(frozen=True)
@@ -146,9 +122,8 @@ def test_swaps_under_concurrent_rank_load_fail_no_rpc(
 ) -> None:
     a, b = release_id(example_release), release_id(second_release)
     assert a != b
-    log = tmp_path / "ranker.log"
     env = {"RANKER_TRITON_MODELS": "push", "RANKER_TRITON_CONFIG_NAME": "cpu", "RANKER_STATE_DIR": str(tmp_path)}
-    with ranker(example_release, log, explicit_triton.grpc_url, **env) as target:
+    with ranker(example_release, tmp_path, explicit_triton.grpc_url, **env) as target:
         assert all(loaded(explicit_triton, a).values())
         stop = threading.Event()
         with ThreadPoolExecutor(CLIENTS) as pool:
@@ -194,7 +169,7 @@ def test_load_release_errors_leave_the_release_serving(
 ) -> None:
     a = release_id(example_release)
     env = {"RANKER_TRITON_MODELS": "push", "RANKER_TRITON_CONFIG_NAME": "cpu", "RANKER_STATE_DIR": str(tmp_path)}
-    with ranker(example_release, tmp_path / "ranker.log", explicit_triton.grpc_url, **env) as target:
+    with ranker(example_release, tmp_path, explicit_triton.grpc_url, **env) as target:
         (tmp_path / "not-a-release").mkdir()
         cases = {
             "": "INVALID_ARGUMENT",
@@ -223,9 +198,9 @@ def test_the_embedded_tritonserver_serves_pushed_models_and_swaps(
     example_release: Path, second_release: Path, tmp_path: Path
 ) -> None:
     """The default: `python -m ranker serve --release R` with no Triton URL."""
-    log = tmp_path / "ranker.log"
+    process = ranker(example_release, tmp_path, None)
     with (
-        ranker(example_release, log, None, RANKER_STATE_DIR=str(tmp_path)) as target,
+        process as target,
         grpc.insecure_channel(target) as channel,
     ):
         stub = ranker_pb2_grpc.RankerStub(channel)
@@ -235,4 +210,4 @@ def test_the_embedded_tritonserver_serves_pushed_models_and_swaps(
         assert swapped.current.release_id == release_id(second_release)
         reply = stub.Rank(ranker_pb2.RankRequest(query="drill", top_k=5), timeout=30)
         assert not reply.degraded and reply.release.release_id == release_id(second_release)
-    assert "models push" in log.read_text()
+    assert "models push" in process.logs()
