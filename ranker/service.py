@@ -5,11 +5,12 @@ Nothing else in the service touches generated protobuf classes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import UTC
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -356,6 +357,19 @@ def to_events(
     )
 
 
+@contextlib.asynccontextmanager
+async def _statuses(context: grpc.aio.ServicerContext, failure: str, *args: object) -> AsyncIterator[None]:
+    """Abort the RPC with the status of a ranker.errors exception, or INTERNAL with a generic message for
+    anything unexpected (the traceback goes to the log only, with `failure % args`)."""
+    try:
+        yield
+    except RankerError as e:
+        await context.abort(status_code(e), str(e))
+    except Exception:
+        log.exception(failure, *args)
+        await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+
+
 class RankerServicer(ranker_pb2_grpc.RankerServicer):
     """The Ranker service; `current` returns the serving Ranker (a release swap or a catalog update replaces
     it); `catalog` takes online catalog updates (without it, UpsertItems and DeleteItems are UNIMPLEMENTED)."""
@@ -369,53 +383,38 @@ class RankerServicer(ranker_pb2_grpc.RankerServicer):
 
     async def Rank(self, request: ranker_pb2.RankRequest, context: grpc.aio.ServicerContext) -> ranker_pb2.RankResponse:
         ranker = self._current()
-        try:
+        async with _statuses(context, "Rank failed (request_id=%s)", request.request_id[:MAX_ID_CHARS]):
             query = to_query(request, self._settings, ranker.release.catalog.row_of, ranker.release.policy)
             result = await ranker.rank(query, timeout=self._timeout(context))
             return to_response(result, ranker)
-        except RankerError as e:
-            await context.abort(status_code(e), str(e))
-        except Exception:
-            log.exception("Rank failed (request_id=%s)", request.request_id[:MAX_ID_CHARS])
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
-        raise AssertionError("unreachable: context.abort raises")
+        raise AssertionError("unreachable: _statuses aborts the RPC on any error")
 
     async def UpsertItems(
         self, request: ranker_pb2.UpsertItemsRequest, context: grpc.aio.ServicerContext
     ) -> ranker_pb2.UpsertItemsResponse:
         catalog = await self._live_catalog(context)
-        try:
+        async with _statuses(context, "UpsertItems failed (%d items)", len(request.items)):
             items = to_catalog_items(request)
             remaining = context.time_remaining()
             timeout = UPSERT_TIMEOUT_S if remaining is None else max(0.001, remaining)
             applied = await catalog.upsert(items, timeout=timeout)
             return ranker_pb2.UpsertItemsResponse(inserted=applied.inserted, updated=applied.updated)
-        except RankerError as e:
-            await context.abort(status_code(e), str(e))
-        except Exception:
-            log.exception("UpsertItems failed (%d items)", len(request.items))
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
-        raise AssertionError("unreachable: context.abort raises")
+        raise AssertionError("unreachable: _statuses aborts the RPC on any error")
 
     async def DeleteItems(
         self, request: ranker_pb2.DeleteItemsRequest, context: grpc.aio.ServicerContext
     ) -> ranker_pb2.DeleteItemsResponse:
         catalog = await self._live_catalog(context)
-        try:
+        async with _statuses(context, "DeleteItems failed (%d ids)", len(request.item_ids)):
             applied = await catalog.delete(to_item_ids(request))
             return ranker_pb2.DeleteItemsResponse(deleted=applied.deleted, not_found=list(applied.not_found))
-        except RankerError as e:
-            await context.abort(status_code(e), str(e))
-        except Exception:
-            log.exception("DeleteItems failed (%d ids)", len(request.item_ids))
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
-        raise AssertionError("unreachable: context.abort raises")
+        raise AssertionError("unreachable: _statuses aborts the RPC on any error")
 
     async def RecordEvents(
         self, request: ranker_pb2.RecordEventsRequest, context: grpc.aio.ServicerContext
     ) -> ranker_pb2.RecordEventsResponse:
         ranker = self._current()
-        try:
+        async with _statuses(context, "RecordEvents failed (%d events)", len(request.events)):
             personalizer = _personalizer(ranker)
             events, rejected = to_events(request, ranker, self._settings, time.time())
             counts = await personalizer.record(ItemSpace.of(ranker.release), events)
@@ -433,29 +432,19 @@ class RankerServicer(ranker_pb2_grpc.RankerServicer):
                     ranker_pb2.EventRejection(index=r.index, event_id=r.event_id, reason=r.reason) for r in rejected
                 ],
             )
-        except RankerError as e:
-            await context.abort(status_code(e), str(e))
-        except Exception:
-            log.exception("RecordEvents failed (%d events)", len(request.events))
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
-        raise AssertionError("unreachable: context.abort raises")
+        raise AssertionError("unreachable: _statuses aborts the RPC on any error")
 
     async def ForgetUser(
         self, request: ranker_pb2.ForgetUserRequest, context: grpc.aio.ServicerContext
     ) -> ranker_pb2.ForgetUserResponse:
-        try:
+        async with _statuses(context, "ForgetUser failed (%s)", user_ref(request.user_id)):
             if not request.user_id.strip():
                 raise InvalidArgument("user_id", "must not be empty")
             _check_length("user_id", request.user_id, MAX_ID_CHARS)
             existed = await _personalizer(self._current()).forget(request.user_id)
             log.info("ForgetUser %s: %s", user_ref(request.user_id), "deleted" if existed else "nothing stored")
             return ranker_pb2.ForgetUserResponse(existed=existed)
-        except RankerError as e:
-            await context.abort(status_code(e), str(e))
-        except Exception:
-            log.exception("ForgetUser failed (%s)", user_ref(request.user_id))
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
-        raise AssertionError("unreachable: context.abort raises")
+        raise AssertionError("unreachable: _statuses aborts the RPC on any error")
 
     async def _live_catalog(self, context: grpc.aio.ServicerContext) -> CatalogUpdates:
         if self._catalog is None:
@@ -486,7 +475,7 @@ class RankerAdminServicer(ranker_pb2_grpc.RankerAdminServicer):
     async def LoadRelease(
         self, request: ranker_pb2.LoadReleaseRequest, context: grpc.aio.ServicerContext
     ) -> ranker_pb2.LoadReleaseResponse:
-        try:
+        async with _statuses(context, "LoadRelease failed (%s)", request.path[:4096]):
             if not request.path.strip():
                 raise InvalidArgument("path", "must not be empty")
             _check_length("path", request.path, 4096)
@@ -494,9 +483,4 @@ class RankerAdminServicer(ranker_pb2_grpc.RankerAdminServicer):
             return ranker_pb2.LoadReleaseResponse(
                 previous=_release_info(swapped.previous), current=_release_info(swapped.current), millis=swapped.millis
             )
-        except RankerError as e:
-            await context.abort(status_code(e), str(e))
-        except Exception:
-            log.exception("LoadRelease failed (%s)", request.path[:4096])
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
-        raise AssertionError("unreachable: context.abort raises")
+        raise AssertionError("unreachable: _statuses aborts the RPC on any error")
