@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,20 +24,14 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _query(args: argparse.Namespace) -> int:
-    import grpc
     from google.protobuf import json_format
 
     from ranker.v1 import ranker_pb2, ranker_pb2_grpc
 
     request = ranker_pb2.RankRequest(query=args.text, top_k=args.top_k, candidate_ids=args.candidate or [])
-    with _channel(args) as channel:
-        try:
-            response = ranker_pb2_grpc.RankerStub(channel).Rank(
-                request, timeout=args.timeout, metadata=_token_metadata(args)
-            )
-        except grpc.RpcError as e:
-            print(f"{e.code().name}: {e.details()}", file=sys.stderr)
-            return 1
+    response = _call(args, lambda channel: ranker_pb2_grpc.RankerStub(channel).Rank, request)
+    if response is None:
+        return 1
     if args.json:
         print(json.dumps(json_format.MessageToDict(response), indent=2))
         return 0
@@ -72,20 +67,14 @@ def _health(args: argparse.Namespace) -> int:
 
 
 def _load_release(args: argparse.Namespace) -> int:
-    import grpc
     from google.protobuf import json_format
 
     from ranker.v1 import ranker_pb2, ranker_pb2_grpc
 
     request = ranker_pb2.LoadReleaseRequest(path=str(args.path))
-    with _channel(args) as channel:
-        try:
-            response = ranker_pb2_grpc.RankerAdminStub(channel).LoadRelease(
-                request, timeout=args.timeout, metadata=_token_metadata(args)
-            )
-        except grpc.RpcError as e:
-            print(f"{e.code().name}: {e.details()}", file=sys.stderr)
-            return 1
+    response = _call(args, lambda channel: ranker_pb2_grpc.RankerAdminStub(channel).LoadRelease, request)
+    if response is None:
+        return 1
     if args.json:
         print(json.dumps(json_format.MessageToDict(response), indent=2))
     elif response.previous.release_id == response.current.release_id:
@@ -93,6 +82,18 @@ def _load_release(args: argparse.Namespace) -> int:
     else:
         print(f"release {response.previous.release_id} -> {response.current.release_id} in {response.millis:.0f} ms")
     return 0
+
+
+def _call(args: argparse.Namespace, method: Callable[[Any], Callable[..., Any]], request: Any) -> Any | None:
+    """One unary call with the CLI's deadline and token; on failure prints the status and returns None."""
+    import grpc
+
+    with _channel(args) as channel:
+        try:
+            return method(channel)(request, timeout=args.timeout, metadata=_token_metadata(args))
+        except grpc.RpcError as e:
+            print(f"{e.code().name}: {e.details()}", file=sys.stderr)
+            return None
 
 
 def _channel(args: argparse.Namespace) -> Any:

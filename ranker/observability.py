@@ -229,6 +229,24 @@ def serve_metrics(port: int, host: str, metrics: Metrics = METRICS) -> MetricsSe
 # --- the interceptor -----------------------------------------------------------------------------
 
 Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+Deserializer = Callable[[bytes], Any] | None
+
+
+def around_unary(
+    handler: grpc.RpcMethodHandler | None,
+    wrap: Callable[[Behavior], Behavior],
+    deserializer: Callable[[Deserializer], Deserializer] = lambda d: d,
+) -> grpc.RpcMethodHandler | None:
+    """`handler` with its unary behaviour replaced by wrap(behaviour) (and its request deserializer by
+    deserializer(it)): what a server interceptor returns. Streaming handlers (health Watch, reflection)
+    and unknown methods (None) pass through unchanged."""
+    if handler is None or handler.unary_unary is None:
+        return handler
+    return grpc.unary_unary_rpc_method_handler(
+        wrap(handler.unary_unary),
+        request_deserializer=deserializer(handler.request_deserializer),
+        response_serializer=handler.response_serializer,
+    )
 
 
 @dataclass(frozen=True)
@@ -239,7 +257,7 @@ class Unparseable:
     message_type: str
 
 
-def tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+def tolerant(deserializer: Deserializer) -> Deserializer:
     """The deserializer, returning Unparseable instead of raising on bytes that are not its message."""
     if deserializer is None:
         return None
@@ -317,16 +335,10 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler
-        behavior = self._wrap(
-            method_label(handler_call_details.method), handler_call_details.invocation_metadata, handler.unary_unary
-        )
-        return grpc.unary_unary_rpc_method_handler(
-            behavior,
-            request_deserializer=tolerant(handler.request_deserializer),
-            response_serializer=handler.response_serializer,
+        method = method_label(handler_call_details.method)
+        metadata = handler_call_details.invocation_metadata
+        return around_unary(
+            await continuation(handler_call_details), lambda inner: self._wrap(method, metadata, inner), tolerant
         )
 
     def _wrap(self, method: str, metadata: Any, inner: Behavior) -> Behavior:

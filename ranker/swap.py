@@ -202,7 +202,12 @@ def holding() -> Iterator[None]:
             serving.let_go()
 
 
-Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+def _holding(inner: observability.Behavior) -> observability.Behavior:
+    async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        with holding():
+            return await inner(request, context)
+
+    return behavior
 
 
 class ReleaseLeases(grpc.aio.ServerInterceptor):
@@ -213,20 +218,7 @@ class ReleaseLeases(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler
-        inner: Behavior = handler.unary_unary
-
-        async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            with holding():
-                return await inner(request, context)
-
-        return grpc.unary_unary_rpc_method_handler(
-            behavior,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return observability.around_unary(await continuation(handler_call_details), _holding)
 
 
 # --- the switch -------------------------------------------------------------------------------------------
