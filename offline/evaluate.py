@@ -39,6 +39,7 @@ from ranker.domain import DEFAULT_STRENGTH, DiversityMethod, DiversitySpec, Rank
 from ranker.models import ONNX_FILE, OnnxEncoder, OnnxScorer, QueryTokenizer, encoder_cpu_onnx
 from ranker.pipeline import PipelineSettings, Ranker
 from ranker.release import ENCODER_MODEL, MODEL_REPOSITORY, RANKER_MODEL, TOKENIZER, Release
+from ranker.retrieval import EF_SEARCH
 
 DEPTH = 100  # Recall@100 needs the top 100
 
@@ -320,14 +321,14 @@ def plot_stages(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> No
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
-    release = Release.load(args.release)
+    release = Release.load(args.release, ef_search=args.ef_search)
     check_products(release, args.products)
     seed = int(release.manifest.raw.get("data", {}).get("split", {}).get("seed", args.seed))
     judged = select_queries(args.judgments, args.split, seed)
     queries = list(judged)[: args.limit] if args.limit else list(judged)
     judged = {q: judged[q] for q in queries}
     release, attributes, attribute_coverage = with_attributes(release)
-    ranker = local_ranker(release)
+    ranker = local_ranker(release, dense_k=args.dense_k, lexical_k=args.lexical_k)
     spec = diversity_spec(args)
     start = time.perf_counter()
     runs = asyncio.run(run_queries(ranker, queries, diversity=spec, progress=not args.quiet))
@@ -346,6 +347,11 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             "max_per_category": spec.max_per_category,
             "max_per_brand": spec.max_per_brand,
             "window": spec.window,
+        },
+        "candidates": {
+            "dense_k": ranker.settings.dense_k,
+            "lexical_k": ranker.settings.lexical_k,
+            "ef_search": args.ef_search,
         },
         "ms_per_query": 1000.0 * elapsed / max(1, len(queries)),
     }
@@ -437,6 +443,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=0,
         help="diversify each run of this many positions on its own, shown in relevance order (0: whole list)",
     )
+    # The service's candidate settings (RANKER_DENSE_K, RANKER_LEXICAL_K, RANKER_EF_SEARCH): what a
+    # shallower, faster candidate set costs in quality.
+    parser.add_argument("--dense-k", type=int, help="ANN candidates per query (default: the release's)")
+    parser.add_argument("--lexical-k", type=int, help="BM25 candidates per query (default: the release's)")
+    parser.add_argument("--ef-search", type=int, default=EF_SEARCH, help=f"HNSW search breadth (default {EF_SEARCH})")
     parser.add_argument("--max-per-category", type=int, default=0, help="cap per category in the top k (0: none)")
     parser.add_argument("--max-per-brand", type=int, default=0, help="cap per brand in the top k (0: none)")
     parser.add_argument(

@@ -31,7 +31,7 @@ from offline import data, encoder, gate, interactions, train_encoder, train_rank
 from offline.attributes import fill_attributes
 from offline.triton_repo import write_model_repository
 from ranker import release as layout
-from ranker.features import FEATURE_NAMES
+from ranker.features import FEATURE_NAMES, TitleIndex
 from ranker.models import ENCODER_CPU_ONNX_FILE, OnnxEncoder
 from ranker.neighbours import NEIGHBOURS_FILE
 from ranker.policy import POLICY_FILE, load_policy
@@ -204,6 +204,7 @@ class Exporter:
             titles=titles,
             tokens=tokens,
             retriever=HybridRetriever(dense, lexical),
+            text=TitleIndex.build(titles, tokens),
         )
         ranker_onnx = self.ranker(corpus, enc, judgments)
         with self.stages("triton_repository"):

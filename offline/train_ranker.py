@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from offline import metrics
 from offline.encoder import embed_queries
-from ranker.features import FEATURE_NAMES, NUM_FEATURES, assemble
+from ranker.features import FEATURE_NAMES, NUM_FEATURES, TitleIndex, assemble
 from ranker.models import RANKER_INPUT, RANKER_OUTPUT, OnnxEncoder, OnnxScorer
 from ranker.retrieval import Analyzer, HybridRetriever
 
@@ -56,6 +56,7 @@ class Corpus:
     titles: Sequence[str]
     tokens: Sequence[Sequence[str]]
     retriever: HybridRetriever
+    text: TitleIndex  # TitleIndex.build(titles, tokens)
 
 
 def build_lists(
@@ -79,14 +80,7 @@ def build_lists(
         tokens = analyzer.analyze(query)
         cand = corpus.retriever.retrieve(tokens, embedding, dense_k=DENSE_K, lexical_k=LEXICAL_K)
         ids = [corpus.item_ids[r] for r in cand.rows]
-        features = assemble(
-            query,
-            tokens,
-            [corpus.titles[r] for r in cand.rows],
-            [corpus.tokens[r] for r in cand.rows],
-            cand.dense,
-            cand.bm25,
-        )
+        features = assemble(query, tokens, corpus.text, cand.rows, cand.dense, cand.bm25)
         labels = np.array([max(judged[query].get(i, 1.0) - 1.0, 0.0) for i in ids], dtype=np.float32)
         lists.append(
             CandidateList(

@@ -26,7 +26,7 @@ from ranker.bench import load_queries
 from ranker.bench_stages import percentiles
 from ranker.models import OnnxEncoder, QueryTokenizer
 from ranker.release import EMBEDDINGS, ENCODER_MODEL, MODEL_REPOSITORY, TOKENIZER, Manifest, read_manifest
-from ranker.retrieval import DenseIndex, DenseRetriever
+from ranker.retrieval import EF_SEARCH, DenseIndex, DenseRetriever
 
 
 def overlap_at_k(got: Sequence[np.ndarray], reference: Sequence[np.ndarray], k: int) -> float:
@@ -86,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--k", type=int, default=100)
     parser.add_argument("--url", default=vector_engine.MEMORY, help="Qdrant url (default: in-process, loaded here)")
     parser.add_argument("--load", action="store_true", help="upload the release's embeddings to --url first")
-    parser.add_argument("--ef-search", type=int, default=512)
+    parser.add_argument("--ef-search", type=int, default=EF_SEARCH)
     parser.add_argument("--exclude", type=int, default=100, help="rows filtered out in the filtered run (0: none)")
     parser.add_argument("--filtered-queries", type=int, default=20)
     args = parser.parse_args(argv)

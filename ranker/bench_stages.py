@@ -93,9 +93,10 @@ def bench(args: argparse.Namespace) -> dict[str, object]:
     signals = {"ranker": relevance, "dense": rng.uniform(size=n), "lexical": rng.uniform(size=n) * 10}
     result["blend"] = timed(lambda: blending.blend(signals, blending.DEFAULT_POLICY), args.repeats)
     query = tokens[0][:3]
-    texts = [" ".join(t) for t in tokens]
+    titles = features.TitleIndex.build([" ".join(t) for t in tokens], tokens)
+    rows = np.arange(n)
     result["features"] = timed(
-        lambda: features.assemble(" ".join(query), query, texts, tokens, rng.uniform(size=n), rng.uniform(size=n)),
+        lambda: features.assemble(" ".join(query), query, titles, rows, rng.uniform(size=n), rng.uniform(size=n)),
         args.repeats,
     )
     return result

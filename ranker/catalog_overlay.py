@@ -346,6 +346,7 @@ def _with_rows(catalog: Catalog, items: Sequence[CatalogItem], tokens: list[list
         brands=[*catalog.brands, *(item.brand for item in items)],
         prices=np.concatenate([catalog.prices, _floats(values["price"])]),
         tokens=[*catalog.tokens, *tokens],
+        text=catalog.text.appended([item.title for item in items], tokens),
         signals=signals,
         in_stock=in_stock,
         rows_by_value=rows_by_value,

@@ -60,9 +60,14 @@ class Settings(BaseSettings):
         default=2.0, gt=0, le=60, description="per-call limit when the caller sets no deadline"
     )
 
-    dense_k: int | None = Field(default=None, ge=1, le=4000, description="ANN candidates; default from the release")
-    lexical_k: int | None = Field(default=None, ge=1, le=4000, description="BM25 candidates; default from the release")
-    ef_search: int = Field(default=512, ge=16, le=8192, description="HNSW search breadth")
+    dense_k: int | None = Field(
+        default=None, ge=1, le=4000, description="ANN candidates; default ranker.pipeline.SERVING_DEPTH"
+    )
+    lexical_k: int | None = Field(
+        default=None, ge=1, le=4000, description="BM25 candidates; default ranker.pipeline.SERVING_DEPTH"
+    )
+    # Equal to ranker.retrieval.EF_SEARCH (tests/unit/test_retrieval.py keeps them so).
+    ef_search: int = Field(default=256, ge=16, le=8192, description="HNSW search breadth")
     dense_backend: Literal["faiss", "qdrant"] = Field(
         default="faiss", description="the release's FAISS index, or its collection in a Qdrant engine"
     )

@@ -7,6 +7,7 @@ argmax takes the first maximum) and pure numpy.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -19,17 +20,40 @@ def _codes(values: Sequence[str | None]) -> np.ndarray:
     return np.array([-1 if v is None else index.setdefault(v, len(index)) for v in values], dtype=np.int64)
 
 
+@dataclass(frozen=True)
+class Needs:
+    """The candidate columns a spec's selection reads; select() may be given None for the others."""
+
+    embeddings: bool
+    categories: bool
+    brands: bool
+
+
+def needs(spec: DiversitySpec) -> Needs:
+    return Needs(
+        embeddings=spec.method is not DiversityMethod.NONE and spec.strength > 0,
+        categories=spec.max_per_category > 0,
+        brands=spec.max_per_brand > 0,
+    )
+
+
 class _Caps:
     """Eligibility under per-category and per-brand caps, updated as items are taken."""
 
-    def __init__(self, spec: DiversitySpec, categories: Sequence[str | None], brands: Sequence[str | None]) -> None:
-        self.eligible = np.ones(len(categories), dtype=bool)
-        self._limits = [
-            (limit, codes, np.zeros(max(int(codes.max(initial=-1)) + 1, 0), dtype=np.int64))
-            for limit, values in ((spec.max_per_category, categories), (spec.max_per_brand, brands))
-            if limit > 0
-            for codes in (_codes(values),)
-        ]
+    def __init__(
+        self, spec: DiversitySpec, n: int, categories: Sequence[str | None] | None, brands: Sequence[str | None] | None
+    ) -> None:
+        self.eligible = np.ones(n, dtype=bool)
+        self._limits = []
+        for limit, values, name in (
+            (spec.max_per_category, categories, "categories"),
+            (spec.max_per_brand, brands, "brands"),
+        ):
+            if limit > 0:
+                if values is None:
+                    raise ValueError(f"a cap on {name} needs the candidates' {name}")
+                codes = _codes(values)
+                self._limits.append((limit, codes, np.zeros(max(int(codes.max(initial=-1)) + 1, 0), dtype=np.int64)))
 
     def take(self, i: int) -> None:
         self.eligible[i] = False
@@ -43,17 +67,18 @@ class _Caps:
 
 def select(
     relevance: np.ndarray,
-    embeddings: np.ndarray,
+    embeddings: np.ndarray | None,
     spec: DiversitySpec,
     k: int,
-    categories: Sequence[str | None],
-    brands: Sequence[str | None],
+    categories: Sequence[str | None] | None,
+    brands: Sequence[str | None] | None,
 ) -> list[int]:
     """Indices of the chosen candidates, in display order.
 
     relevance: blended scores, candidates already sorted best first (ties by item id);
     embeddings: L2-normalised rows aligned with relevance. Items of unknown category/brand are not
-    capped. Fewer than k come back when the caps leave fewer eligible items.
+    capped. Fewer than k come back when the caps leave fewer eligible items. A column that
+    needs(spec) says is not read may be None.
 
     With spec.window = w > 0 the list is filled w positions at a time: the selector starts afresh
     for each window (an item's redundancy counts only the items already in its window), and each
@@ -63,9 +88,11 @@ def select(
     """
     n = len(relevance)
     k = min(k, n)
-    caps = _Caps(spec, categories, brands)
-    if spec.method is DiversityMethod.NONE or spec.strength <= 0 or k <= 1:
+    caps = _Caps(spec, n, categories, brands)
+    if not needs(spec).embeddings or k <= 1:
         return _in_order(k, caps)
+    if embeddings is None:
+        raise ValueError(f"diversity method {spec.method.name} needs the candidates' embeddings")
     rel = np.asarray(relevance, dtype=np.float64)
     span = rel.max() - rel.min()
     rel = (rel - rel.min()) / span if span > 0 else np.zeros(n)

@@ -44,66 +44,154 @@ def _reciprocal_rank(values: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + ranks)
 
 
-def _bigrams(tokens: Sequence[str]) -> set[tuple[str, str]]:
-    return set(itertools.pairwise(tokens))
+# A title's matchable units, each one int code: its character trigrams (3 UTF-8 bytes, below
+# TRIGRAM_SPACE), then its analysed terms, term bigrams and numbers, numbered from TRIGRAM_SPACE on
+# in the order TitleIndex first meets them.
+TRIGRAM_SPACE = 1 << 24
+_TERM, _BIGRAM, _NUMBER_UNIT = "t", "b", "n"
+# Columns of TitleIndex.matches: how many of the query's distinct units of each kind the title has.
+TERMS, BIGRAMS, TRIGRAMS, NUMBERS, LAST_TERM = range(5)
 
 
 def _trigram_codes(text: bytes) -> np.ndarray:
-    """Each 3-byte window of `text` as one int32."""
-    b = np.frombuffer(text, dtype=np.uint8).astype(np.int32)
+    """Each 3-byte window of `text` as one int64."""
+    b = np.frombuffer(text, dtype=np.uint8).astype(np.int64)
     return (b[:-2] << 16) | (b[1:-1] << 8) | b[2:]
 
 
-def trigram_coverage(query_text: str, item_texts: Sequence[str]) -> np.ndarray:
-    """Share of the query's distinct character trigrams (lower-cased, space-padded, UTF-8 bytes) found in
-    each item text. Survives the typos and split or joined words that defeat term matching
-    ("dewalt driil", "2x4" vs "2 x 4"). Vectorised over all candidates at once."""
-    out = np.zeros(len(item_texts), dtype=np.float32)
-    query = np.unique(_trigram_codes(f" {query_text.lower()} ".encode()))
-    if len(query) == 0 or not item_texts:
-        return out
-    encoded = [f" {t.lower()} ".encode() for t in item_texts]
-    lengths = np.fromiter((len(e) for e in encoded), dtype=np.int64, count=len(encoded))
-    codes = _trigram_codes(b"".join(encoded))
-    owner = np.repeat(np.arange(len(encoded)), lengths)[: len(codes)]
-    ends = np.cumsum(lengths)
-    inside = np.arange(len(codes)) + 3 <= ends[owner]  # windows that do not straddle two texts
-    slot = np.minimum(np.searchsorted(query, codes), len(query) - 1)
-    hit = inside & (query[slot] == codes)
-    present = np.zeros((len(encoded), len(query)), dtype=bool)
-    present[owner[hit], slot[hit]] = True
-    out[:] = present.sum(axis=1) / len(query)
-    return out
+def _padded(text: str) -> bytes:
+    """What trigrams are taken from: lower-cased, one space each side (word starts and ends count)."""
+    return f" {text.lower()} ".encode()
 
 
-def number_match(query_text: str, item_texts: Sequence[str]) -> np.ndarray:
-    """Share of the query's numbers (digit runs: sizes, voltages, counts) that appear as numbers in each
-    item text; NO_NUMBER when the query has none."""
-    numbers = set(_NUMBER.findall(query_text))
-    if not numbers:
-        return np.full(len(item_texts), NO_NUMBER, dtype=np.float32)
-    return np.fromiter(
-        (len(numbers.intersection(_NUMBER.findall(t))) / len(numbers) for t in item_texts),
-        dtype=np.float32,
-        count=len(item_texts),
-    )
+def _string_units(tokens: Sequence[str], text: str) -> set[str]:
+    units = {_TERM + t for t in tokens}
+    units.update(f"{_BIGRAM}{a} {b}" for a, b in itertools.pairwise(tokens))
+    units.update(_NUMBER_UNIT + n for n in _NUMBER.findall(text))
+    return units
+
+
+class TitleIndex:
+    """Every item title's distinct matchable units as one sparse row (CSR: `indptr`, `codes`), so a
+    query's overlap features for hundreds of candidates are a few vectorised array operations instead
+    of a Python loop of set intersections per candidate.
+
+    Append-only like the catalog's rows: `appended` returns a new index and leaves this one valid. The
+    unit vocabulary is shared and only grows, so codes stay stable across appended copies.
+    """
+
+    __slots__ = ("codes", "distinct_terms", "indptr", "title_terms", "vocabulary")
+
+    def __init__(
+        self,
+        vocabulary: dict[str, int],
+        indptr: np.ndarray,
+        codes: np.ndarray,
+        title_terms: np.ndarray,
+        distinct_terms: np.ndarray,
+    ) -> None:
+        self.vocabulary = vocabulary
+        self.indptr = indptr  # int64 [items + 1]
+        self.codes = codes  # int32 unit codes, row i at codes[indptr[i]:indptr[i + 1]]
+        self.title_terms = title_terms  # int32 analysed terms per title
+        self.distinct_terms = distinct_terms  # int32 distinct analysed terms per title
+
+    def __len__(self) -> int:
+        return len(self.indptr) - 1
+
+    @classmethod
+    def build(cls, texts: Sequence[str], tokens: Sequence[Sequence[str]]) -> TitleIndex:
+        empty = np.zeros(0, dtype=np.int32)
+        return cls({}, np.zeros(1, dtype=np.int64), empty, empty, empty).appended(texts, tokens)
+
+    def appended(self, texts: Sequence[str], tokens: Sequence[Sequence[str]]) -> TitleIndex:
+        """This index with one row per (title, analysed terms) added after its rows."""
+        if len(texts) != len(tokens):
+            raise ValueError(f"{len(texts)} titles but {len(tokens)} token lists")
+        n = len(texts)
+        # Trigrams of all titles in one pass over their concatenation; windows across two titles dropped.
+        encoded = [_padded(t) for t in texts]
+        lengths = np.fromiter((len(e) for e in encoded), dtype=np.int64, count=n)
+        codes = _trigram_codes(b"".join(encoded))
+        owner = np.repeat(np.arange(n, dtype=np.int64), lengths)[: len(codes)]
+        inside = np.arange(len(codes)) + 3 <= np.cumsum(lengths)[owner]
+        keyed = np.unique((owner[inside] << 24) | codes[inside])  # distinct (title, trigram), by title
+        vocabulary = self.vocabulary
+        string_owner: list[int] = []
+        string_codes: list[int] = []
+        for i, (text, terms) in enumerate(zip(texts, tokens, strict=True)):
+            units = [TRIGRAM_SPACE + vocabulary.setdefault(u, len(vocabulary)) for u in _string_units(terms, text)]
+            string_codes.extend(units)
+            string_owner.extend([i] * len(units))
+        all_owner = np.concatenate([keyed >> 24, np.asarray(string_owner, dtype=np.int64)])
+        all_codes = np.concatenate([keyed & (TRIGRAM_SPACE - 1), np.asarray(string_codes, dtype=np.int64)])
+        order = np.argsort(all_owner, kind="stable")
+        counts = np.bincount(all_owner, minlength=n)
+        indptr = np.concatenate([self.indptr, self.indptr[-1] + np.cumsum(counts)])
+        return TitleIndex(
+            vocabulary,
+            indptr,
+            np.concatenate([self.codes, all_codes[order].astype(np.int32)]),
+            np.concatenate([self.title_terms, np.array([len(t) for t in tokens], dtype=np.int32)]),
+            np.concatenate([self.distinct_terms, np.array([len(set(t)) for t in tokens], dtype=np.int32)]),
+        )
+
+    def query_units(self, query_text: str, query_tokens: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The query's distinct units as (sorted codes, their kind), and how many it has of each kind.
+        A unit no title has is left out of the codes but still counts in the totals."""
+        kinds: dict[int, int] = {}
+        totals = np.zeros(4, dtype=np.int64)
+        for code in np.unique(_trigram_codes(_padded(query_text))).tolist():
+            kinds[code] = TRIGRAMS
+            totals[TRIGRAMS] += 1
+        for unit in _string_units(query_tokens, query_text):
+            kind = {_TERM: TERMS, _BIGRAM: BIGRAMS, _NUMBER_UNIT: NUMBERS}[unit[0]]
+            totals[kind] += 1
+            if unit in self.vocabulary:
+                kinds[TRIGRAM_SPACE + self.vocabulary[unit]] = kind
+        codes = np.array(sorted(kinds), dtype=np.int32)  # the dtype of TitleIndex.codes: no cast in searchsorted
+        return codes, np.array([kinds[c] for c in codes.tolist()], dtype=np.int64), totals
+
+    def matches(self, rows: np.ndarray, query_text: str, query_tokens: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """For each of `rows`: how many of the query's distinct terms, term bigrams, character trigrams
+        and numbers its title has, and whether it has the query's last term ([len(rows), 5] int64,
+        columns TERMS, BIGRAMS, TRIGRAMS, NUMBERS, LAST_TERM); and the query's totals per kind [4]."""
+        rows = np.asarray(rows, dtype=np.int64)
+        n = len(rows)
+        out = np.zeros((n, 5), dtype=np.int64)
+        query_codes, query_kinds, totals = self.query_units(query_text, query_tokens)
+        if n == 0 or len(query_codes) == 0:
+            return out, totals
+        starts = self.indptr[rows]
+        lengths = self.indptr[rows + 1] - starts
+        owner = np.repeat(np.arange(n, dtype=np.int64), lengths)
+        first = np.cumsum(lengths) - lengths  # each row's first position in the gathered codes
+        codes = self.codes[np.arange(len(owner), dtype=np.int64) + np.repeat(starts - first, lengths)]
+        hit = np.isin(codes, query_codes)  # faster than searchsorted over all codes (numpy 1.26)
+        kind = query_kinds[np.searchsorted(query_codes, codes[hit])]
+        out[:, :4] = np.bincount(owner[hit] * 4 + kind, minlength=n * 4).reshape(n, 4)
+        last = self.vocabulary.get(_TERM + query_tokens[-1]) if query_tokens else None
+        if last is not None:
+            out[:, LAST_TERM] = np.bincount(owner[codes == TRIGRAM_SPACE + last], minlength=n)
+        return out, totals
 
 
 def assemble(
     query_text: str,
     query_tokens: Sequence[str],
-    item_texts: Sequence[str],
-    item_tokens: Sequence[Sequence[str]],
+    titles: TitleIndex,
+    rows: np.ndarray,
     dense: np.ndarray,
     bm25: np.ndarray,
 ) -> np.ndarray:
-    """Feature matrix [len(item_tokens), NUM_FEATURES] (float32) for one query's candidates.
+    """Feature matrix [len(rows), NUM_FEATURES] (float32) for one query's candidates.
 
-    query_text / item_texts: the raw query and item titles; query_tokens / item_tokens: their
-    analysed terms (retrieval.Analyzer); dense: cosine of the query embedding with each candidate
-    (0 where no embedding is available); bm25: each candidate's BM25 score against the query.
+    query_text / query_tokens: the raw query and its analysed terms (retrieval.Analyzer); titles: the
+    catalog's TitleIndex and rows the candidates' rows in it; dense: cosine of the query embedding
+    with each candidate (0 where no embedding is available); bm25: each candidate's BM25 score.
     """
-    n = len(item_tokens)
+    rows = np.asarray(rows, dtype=np.int64)
+    n = len(rows)
     out = np.zeros((n, NUM_FEATURES), dtype=np.float32)
     if n == 0:
         return out
@@ -118,22 +206,21 @@ def assemble(
     out[:, 4] = bm25 / best_bm25 if best_bm25 > 0 else 0.0
     out[:, 5] = _reciprocal_rank(bm25) if best_bm25 > 0 else 0.0
 
-    query_terms = set(query_tokens)
-    query_pairs = _bigrams(query_tokens)
-    last_term = query_tokens[-1] if query_tokens else None
-    # Plain Python lists in the loop, one column assignment each after it: per-element NumPy writes
-    # cost more than the set operations themselves (~700 candidates per request).
-    shared = [len(query_terms.intersection(tokens)) for tokens in item_tokens]
-    distinct = [len(set(tokens)) for tokens in item_tokens]
-    out[:, 6] = np.asarray(shared, dtype=np.float32) / len(query_terms) if query_terms else 0.0
-    out[:, 7] = [s / d if d else 0.0 for s, d in zip(shared, distinct, strict=True)]
-    if query_pairs:
-        out[:, 8] = [len(query_pairs & _bigrams(tokens)) / len(query_pairs) for tokens in item_tokens]
-    out[:, 9] = np.log1p([len(tokens) for tokens in item_tokens])
-    # The last term of a shop query is usually the product type ("cordless drill", "deck screws").
-    if last_term is not None:
-        out[:, 13] = [last_term in tokens for tokens in item_tokens]
+    found, totals = titles.matches(rows, query_text, query_tokens)
+    distinct = titles.distinct_terms[rows]
+    if totals[TERMS]:
+        out[:, 6] = found[:, TERMS] / totals[TERMS]
+    out[:, 7] = np.divide(found[:, TERMS], distinct, out=np.zeros(n), where=distinct > 0)
+    if totals[BIGRAMS]:
+        out[:, 8] = found[:, BIGRAMS] / totals[BIGRAMS]
+    out[:, 9] = np.log1p(titles.title_terms[rows])
     out[:, 10] = np.log1p(len(query_tokens))
-    out[:, 11] = trigram_coverage(query_text, item_texts)
-    out[:, 12] = number_match(query_text, item_texts)
+    # Character trigrams survive the typos and split or joined words that defeat term matching
+    # ("dewalt driil", "2x4" vs "2 x 4").
+    if totals[TRIGRAMS]:
+        out[:, 11] = found[:, TRIGRAMS] / totals[TRIGRAMS]
+    # Numbers (digit runs: sizes, voltages, counts); NO_NUMBER when the query has none.
+    out[:, 12] = found[:, NUMBERS] / totals[NUMBERS] if totals[NUMBERS] else NO_NUMBER
+    # The last term of a shop query is usually the product type ("cordless drill", "deck screws").
+    out[:, 13] = found[:, LAST_TERM] > 0
     return out

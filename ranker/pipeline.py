@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -26,7 +26,11 @@ from ranker.retrieval import Candidates, union_rows
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DEPTH = 400  # candidates per retriever for a manifest that does not record its depths
+DEFAULT_DEPTH = 400  # candidates per retriever the ranker trained on, for a manifest that does not record it
+# Candidates per retriever when the settings name none (at most the trained depth). On the Home Depot
+# dev split, 200 + 200 at efSearch 256 scores NDCG@10 0.4268 against 0.4269 for the 400 + 400 the ranker
+# trains on, in a quarter less time per query (docs/performance.md, `offline.evaluate --dense-k`).
+SERVING_DEPTH = 200
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,10 +42,10 @@ class PipelineSettings:
     def for_release(
         cls, manifest: Manifest, *, dense_k: int | None = None, lexical_k: int | None = None
     ) -> PipelineSettings:
-        """The candidate depths the release's ranker was trained with, unless overridden."""
+        """SERVING_DEPTH candidates per retriever (less when the ranker trained on fewer), unless overridden."""
         return cls(
-            dense_k=dense_k or int(manifest.ranker.extra.get("dense_k", DEFAULT_DEPTH)),
-            lexical_k=lexical_k or int(manifest.ranker.extra.get("lexical_k", DEFAULT_DEPTH)),
+            dense_k=dense_k or min(SERVING_DEPTH, int(manifest.ranker.extra.get("dense_k", DEFAULT_DEPTH))),
+            lexical_k=lexical_k or min(SERVING_DEPTH, int(manifest.ranker.extra.get("lexical_k", DEFAULT_DEPTH))),
         )
 
 
@@ -126,12 +130,7 @@ class Ranker:
                 rows = np.zeros((len(candidates.rows), len(features.FEATURE_NAMES)), dtype=np.float32)
             else:
                 rows = features.assemble(
-                    query.query,
-                    query_tokens,
-                    [catalog.titles[r] for r in candidates.rows],
-                    [catalog.tokens[r] for r in candidates.rows],
-                    candidates.dense,
-                    candidates.bm25,
+                    query.query, query_tokens, catalog.text, candidates.rows, candidates.dense, candidates.bm25
                 )
         with watch.stage("score"):
             scores = await self._score(rows, embedding is not None, _left(deadline, timeout), degraded)
@@ -279,22 +278,22 @@ class Ranker:
         pinned: list[tuple[int, int]],
     ) -> tuple[ScoredItem, ...]:
         catalog = self.release.catalog
-        ids = [catalog.item_ids[r] for r in candidates.rows]
         base = blend.final if adjust is None else blend.final + adjust
-        position_of_row = {int(r): i for i, r in enumerate(candidates.rows)}
-        pinned_entries = [(position, position_of_row[row]) for position, row in pinned]
-        pinned_set = {entry for _, entry in pinned_entries}
+        pinned_entries = []
+        if pinned:
+            position_of_row = {int(r): i for i, r in enumerate(candidates.rows)}
+            pinned_entries = [(position, position_of_row[row]) for position, row in pinned]
         # Unpinned candidates best first, ties by item id: the order every selector starts from.
-        free = sorted((i for i in range(len(ids)) if i not in pinned_set), key=lambda i: (-base[i], ids[i]))
-        order = np.array(free, dtype=np.int64)
+        order = _best_first(base, candidates.rows, catalog.item_ids, [i for _, i in pinned_entries])
         rows = candidates.rows[order]
+        needs = diversity.needs(spec)
         chosen = diversity.select(
             base[order],
-            np.asarray(self.release.retriever.dense.embeddings[rows]),
+            np.asarray(self.release.retriever.dense.embeddings[rows]) if needs.embeddings else None,
             spec,
             top_k - len(pinned_entries),
-            [catalog.categories[r] for r in rows],
-            [catalog.brands[r] for r in rows],
+            [catalog.categories[r] for r in rows] if needs.categories else None,
+            [catalog.brands[r] for r in rows] if needs.brands else None,
         )
         ranked = [int(order[c]) for c in chosen]
         diversified = diversity.monotone_scores(base[ranked]) if ranked else np.zeros(0)
@@ -303,7 +302,16 @@ class Ranker:
         is_pin = [i in pinned_shown for i in sequence]
         final = rules.pin_scores(np.array([shown_before_pins.get(i, base[i]) for i in sequence]), is_pin)
         return tuple(
-            self._explain(ids[i], int(candidates.rows[i]), i, float(score), blend, adjust, shown_before_pins, pin)
+            self._explain(
+                catalog.item_ids[candidates.rows[i]],
+                int(candidates.rows[i]),
+                i,
+                float(score),
+                blend,
+                adjust,
+                shown_before_pins,
+                pin,
+            )
             for i, score, pin in zip(sequence, final, is_pin, strict=True)
         )
 
@@ -350,6 +358,17 @@ def _left(deadline: float | None, budget: float | None) -> float | None:
     if deadline is None or budget is None:
         return None
     return max(MIN_CALL_S, deadline - time.monotonic() - RESERVE_FRACTION * budget)
+
+
+def _best_first(scores: np.ndarray, rows: np.ndarray, item_ids: Sequence[str], skip: Sequence[int]) -> np.ndarray:
+    """Positions of the candidates by score, best first, ties by item id, without the `skip` positions."""
+    order = np.argsort(-scores, kind="stable")
+    if skip:
+        order = order[~np.isin(order, skip)]
+    ordered = scores[order]
+    if np.any(ordered[1:] == ordered[:-1]):  # tied scores (retrieval-only orders tie often): by item id
+        return np.array(sorted(order.tolist(), key=lambda i: (-scores[i], item_ids[int(rows[i])])), dtype=np.int64)
+    return order
 
 
 def _adjustment(name: str, amount: float) -> ScoreComponent:

@@ -30,10 +30,10 @@ import polars as pl
 
 from ranker.domain import Rule
 from ranker.errors import NotFound
-from ranker.features import FEATURE_NAMES
+from ranker.features import FEATURE_NAMES, TitleIndex
 from ranker.neighbours import NEIGHBOURS_FILE, ItemNeighbours
 from ranker.policy import DEFAULT, POLICY_FILE, Policy, load_policy
-from ranker.retrieval import Analyzer, DenseIndex, DenseRetriever, HybridRetriever, LexicalIndex
+from ranker.retrieval import EF_SEARCH, Analyzer, DenseIndex, DenseRetriever, HybridRetriever, LexicalIndex
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -141,6 +141,7 @@ class Catalog:
     brands: list[str | None]
     prices: np.ndarray  # float64, NaN where unknown
     tokens: list[list[str]]  # analysed titles
+    text: TitleIndex  # the titles' terms, bigrams, trigrams and numbers for the ranker's match features
     row_of: dict[str, int]  # id -> its newest row; ids deleted online stay (their row is dead)
     signals: dict[str, np.ndarray]  # catalog blend signals present in the catalog, NaN where unknown
     in_stock: np.ndarray | None  # bool; None when the catalog has no stock column
@@ -157,6 +158,7 @@ class Catalog:
         items = conform(items)
         titles = items["title"].to_list()
         ids = items["item_id"].to_list()
+        tokens = analyzer.analyze_many(titles)
         signals = {
             name: items[name].fill_null(np.nan).to_numpy().astype(np.float64)
             for name in NUMERIC_ATTRIBUTES
@@ -174,7 +176,8 @@ class Catalog:
             categories=items["category"].to_list(),
             brands=items["brand"].to_list(),
             prices=items["price"].fill_null(np.nan).to_numpy().astype(np.float64),
-            tokens=analyzer.analyze_many(titles),
+            tokens=tokens,
+            text=TitleIndex.build(titles, tokens),
             row_of={item_id: row for row, item_id in enumerate(ids)},
             signals=signals,
             in_stock=in_stock,
@@ -255,7 +258,7 @@ class Release:
         cls,
         path: Path,
         *,
-        ef_search: int = 512,
+        ef_search: int = EF_SEARCH,
         policy_override: Path | None = None,
         dense_backend: str = "faiss",
         vector_engine_url: str | None = None,
@@ -299,7 +302,7 @@ class Release:
 
 
 def load_dense(
-    path: Path, manifest: Manifest, backend: str, vector_engine_url: str | None, *, ef_search: int = 512
+    path: Path, manifest: Manifest, backend: str, vector_engine_url: str | None, *, ef_search: int = EF_SEARCH
 ) -> DenseRetriever:
     """The release's dense retriever: its FAISS index ("faiss"), or its collection in a Qdrant engine ("qdrant")."""
     if backend == "faiss":

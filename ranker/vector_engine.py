@@ -32,6 +32,7 @@ from qdrant_client.common.client_exceptions import ResourceExhaustedResponse
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
 from ranker.errors import BackendFailed, BackendTimeout, BackendUnavailable, NotFound, RankerError
+from ranker.retrieval import EF_SEARCH
 
 ENGINE = "qdrant"
 LOCAL_PREFIX = "local:"
@@ -97,7 +98,13 @@ class QdrantDenseIndex:
     """
 
     def __init__(
-        self, client: QdrantClient, collection: str, embeddings: np.ndarray, *, num_items: int, ef_search: int = 512
+        self,
+        client: QdrantClient,
+        collection: str,
+        embeddings: np.ndarray,
+        *,
+        num_items: int,
+        ef_search: int = EF_SEARCH,
     ) -> None:
         self._client = client
         self.collection = collection
@@ -111,7 +118,7 @@ class QdrantDenseIndex:
 
     @classmethod
     def open(
-        cls, client: QdrantClient, collection: str, embeddings: np.ndarray, *, ef_search: int = 512
+        cls, client: QdrantClient, collection: str, embeddings: np.ndarray, *, ef_search: int = EF_SEARCH
     ) -> QdrantDenseIndex:
         """Attach to a loaded collection; NotFound unless it holds exactly these embeddings' rows and width."""
         exists = _call("collection_exists", lambda: client.collection_exists(collection))

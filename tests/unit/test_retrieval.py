@@ -7,7 +7,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ranker.retrieval import Analyzer, DenseIndex, LexicalIndex, reciprocal_rank_fusion, top_rows, union_rows
+from ranker.config import Settings
+from ranker.retrieval import (
+    EF_SEARCH,
+    Analyzer,
+    DenseIndex,
+    LexicalIndex,
+    reciprocal_rank_fusion,
+    stored_vectors,
+    top_rows,
+    union_rows,
+)
 
 TITLES = ["cordless drill kit", "drill bits set", "interior paint white", "garden hose", ""]
 
@@ -71,3 +81,21 @@ def test_rrf_matches_its_definition() -> None:
             expected[rows == row] += 1.0 / (60 + rank + 1)
     assert reciprocal_rank_fusion(rows, lists) == pytest.approx(expected)
     assert reciprocal_rank_fusion(np.zeros(0, dtype=np.int64), lists).shape == (0,)
+
+
+def test_the_service_default_search_breadth_is_the_library_default() -> None:
+    assert Settings().ef_search == EF_SEARCH
+
+
+@pytest.mark.parametrize("items", [50, 30_000])  # exact (IndexFlatIP) and HNSW
+def test_a_loaded_index_reads_rows_from_its_own_vectors(tmp_path: Path, items: int) -> None:
+    rng = np.random.default_rng(3)
+    vectors = rng.normal(size=(items, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    DenseIndex.build(vectors).save(tmp_path / "index.faiss", tmp_path / "embeddings.npy")
+    loaded = DenseIndex.load(tmp_path / "index.faiss", tmp_path / "embeddings.npy")
+    assert stored_vectors(loaded._index) is not None
+    np.testing.assert_array_equal(loaded.embeddings, vectors)
+    assert not loaded.embeddings.flags.writeable
+    rows = np.array([3, 1, 40])
+    np.testing.assert_allclose(loaded.similarities(vectors[1], rows), vectors[rows] @ vectors[1], rtol=1e-6)
