@@ -6,6 +6,7 @@ unavailable, from the fusion of the retrieval lists. Either way the response say
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
 import time
@@ -22,7 +23,7 @@ from ranker.models import Encoder, QueryTokenizer, Scorer
 from ranker.personal import Personalizer, personal_scores, popular_candidates, profile_candidates
 from ranker.profiles import ItemSpace, Profile
 from ranker.release import Manifest, Release
-from ranker.retrieval import Candidates, union_rows
+from ranker.retrieval import Candidates, LexicalHits, union_rows
 
 log = logging.getLogger(__name__)
 
@@ -107,24 +108,32 @@ class Ranker:
         catalog = self.release.catalog
         query_tokens = self.release.analyzer.analyze(query.query)
         profile, personalization = None, Personalization.NONE
-        if query.user_id is not None:
-            with watch.stage("profile"):
-                profile, personalization = await self._profile(query.user_id, _left(deadline, timeout))
+        # The query is encoded on Triton while this process does what needs no embedding (the profile
+        # lookup, filters, pins, BM25): the encoder's round trip hides that work.
+        encoding = asyncio.ensure_future(self._encode(query.query, _left(deadline, timeout), degraded))
+        try:
+            await asyncio.sleep(0)  # the encoder request leaves before the CPU work below
+            if query.user_id is not None:
+                with watch.stage("profile"):
+                    profile, personalization = await self._profile(query.user_id, _left(deadline, timeout))
+            with watch.stage("lexical"):
+                allowed = catalog.mask(
+                    categories=query.categories,
+                    min_price=query.min_price,
+                    max_price=query.max_price,
+                    in_stock_only=query.in_stock_only,
+                    excluded=self._excluded(query, business_rules, profile),
+                )
+                pinned = rules.pins(catalog, business_rules, allowed)
+                pins = [row for _, row in pinned]
+                lexical = self._lexical(query, query_tokens, allowed)
+            with watch.stage("encode"):
+                embedding = await encoding
+        finally:
+            encoding.cancel()  # a no-op once done; on an error above, no encoder call is left running
         personal = profile if personalization is Personalization.APPLIED else None
-
-        with watch.stage("encode"):
-            embedding = await self._encode(query.query, _left(deadline, timeout), degraded)
         with watch.stage("retrieve"):
-            allowed = catalog.mask(
-                categories=query.categories,
-                min_price=query.min_price,
-                max_price=query.max_price,
-                in_stock_only=query.in_stock_only,
-                excluded=self._excluded(query, business_rules, profile),
-            )
-            pinned = rules.pins(catalog, business_rules, allowed)
-            pins = [row for _, row in pinned]
-            candidates = self._candidates(query, query_tokens, embedding, allowed, pins, personal)
+            candidates = self._candidates(query, query_tokens, embedding, allowed, pins, personal, lexical)
         with watch.stage("features"):
             if embedding is None:  # the ranker will not run (see _score): no features to compute
                 rows = np.zeros((len(candidates.rows), len(features.FEATURE_NAMES)), dtype=np.float32)
@@ -232,6 +241,7 @@ class Ranker:
         allowed: np.ndarray | None,
         include: list[int],
         profile: Profile | None = None,
+        lexical: LexicalHits | None = None,
     ) -> Candidates:
         catalog = self.release.catalog
         retriever = self.release.retriever
@@ -250,7 +260,14 @@ class Ranker:
             lexical_k=self.settings.lexical_k,
             allowed=allowed,
             include=np.array(include, dtype=np.int64),
+            lexical=lexical,
         )
+
+    def _lexical(self, query: RankQuery, tokens: list[str], allowed: np.ndarray | None) -> LexicalHits | None:
+        """BM25 hits for a search (text and no candidate_ids); None for the other kinds of request."""
+        if query.candidate_ids or not query.query.strip():
+            return None
+        return self.release.retriever.lexical_hits(tokens, self.settings.lexical_k, allowed)
 
     async def _score(
         self, rows: np.ndarray, have_embedding: bool, timeout: float | None, degraded: list[str]

@@ -269,12 +269,25 @@ class Candidates:
         return reciprocal_rank_fusion(self.rows, [self.dense_ranked, self.lexical_ranked])
 
 
+@dataclass(frozen=True)
+class LexicalHits:
+    """BM25 for one query: every row's score and the top rows, best first."""
+
+    scores: np.ndarray
+    ranked: np.ndarray
+
+
 class HybridRetriever:
     """Union of the dense ANN's and BM25's top hits, with exact signals for every candidate."""
 
     def __init__(self, dense: DenseRetriever, lexical: LexicalRetriever) -> None:
         self.dense = dense
         self.lexical = lexical
+
+    def lexical_hits(self, query_tokens: Sequence[str], k: int, allowed: np.ndarray | None = None) -> LexicalHits:
+        """The lexical half of retrieve(): it needs no query embedding, so it can run while one is computed."""
+        scores = self.lexical.scores(query_tokens)
+        return LexicalHits(scores, top_rows(scores, k, allowed))
 
     def retrieve(
         self,
@@ -285,10 +298,13 @@ class HybridRetriever:
         lexical_k: int,
         allowed: np.ndarray | None = None,
         include: np.ndarray | None = None,
+        lexical: LexicalHits | None = None,
     ) -> Candidates:
-        """Candidates for a query; `include` rows (e.g. pinned items) join them whether retrieved or not."""
-        bm25_all = self.lexical.scores(query_tokens)
-        lexical_ranked = top_rows(bm25_all, lexical_k, allowed)
+        """Candidates for a query; `include` rows (e.g. pinned items) join them whether retrieved or not.
+        `lexical`: lexical_hits(query_tokens, lexical_k, allowed) when already computed."""
+        if lexical is None:
+            lexical = self.lexical_hits(query_tokens, lexical_k, allowed)
+        bm25_all, lexical_ranked = lexical.scores, lexical.ranked
         if query_embedding is None:
             dense_ranked = np.zeros(0, dtype=np.int64)
         else:

@@ -60,7 +60,15 @@ def test_response_is_explainable_and_stamped(stub: ranker_pb2_grpc.RankerStub, e
     assert not response.degraded and response.degraded_reason == ""
     assert response.release.release_id == manifest["release_id"]
     assert dict(response.release.model_versions) == {"text_encoder": "1", "ranker": "1"}
-    assert [t.stage for t in response.timings] == ["encode", "retrieve", "features", "score", "blend", "diversify"]
+    assert [t.stage for t in response.timings] == [
+        "lexical",
+        "encode",
+        "retrieve",
+        "features",
+        "score",
+        "blend",
+        "diversify",
+    ]
     assert response.candidates >= len(response.items) == 10
     scores = [item.score for item in response.items]
     assert scores == sorted(scores, reverse=True)

@@ -33,7 +33,7 @@ TOKEN = "it-token-3f9a0c1e5b7d2468"
 SECOND_TOKEN = "it-token-rotated-13579bdf"
 INLINE_TOKEN = "it-inline-token-02468ace"
 RAW_USER = "shopper-raw-id-4711@example.com"
-STAGES = ["encode", "retrieve", "features", "score", "blend", "diversify"]
+STAGES = ["lexical", "encode", "retrieve", "features", "score", "blend", "diversify"]
 
 
 @dataclass(frozen=True)

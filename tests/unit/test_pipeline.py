@@ -36,6 +36,7 @@ def test_drill_query_puts_drills_first() -> None:
     assert not result.degraded
     assert result.model_versions == {"text_encoder": "3", "ranker": "5"}
     assert [stage for stage, _ in result.timings_ms] == [
+        "lexical",
         "encode",
         "retrieve",
         "features",
