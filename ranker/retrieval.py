@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -162,8 +162,10 @@ class DenseIndex:
         hnsw_m: int = 32,
         ef_construction: int = 80,
         ef_search: int = EF_SEARCH,
+        on_added: Callable[[int], object] | None = None,
     ) -> DenseIndex:
-        """Exact search below `hnsw_threshold` items (it is faster there), HNSW above."""
+        """Exact search below `hnsw_threshold` items (it is faster there), HNSW above. `on_added(n)` is
+        told of every n vectors added (a progress bar: an HNSW build over 1M items takes minutes)."""
         vectors = np.ascontiguousarray(embeddings, dtype=np.float32)
         dim = vectors.shape[1]
         if len(vectors) < hnsw_threshold:
@@ -171,7 +173,11 @@ class DenseIndex:
         else:
             index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
             index.hnsw.efConstruction = ef_construction
-        index.add(vectors)
+        step = len(vectors) if on_added is None else 50_000
+        for start in range(0, len(vectors), max(step, 1)):
+            index.add(vectors[start : start + step])
+            if on_added is not None:
+                on_added(len(vectors[start : start + step]))
         return cls(index, vectors, ef_search)
 
     def save(self, index_path: Path, embeddings_path: Path) -> None:
