@@ -121,6 +121,12 @@ class Settings(BaseSettings):
     metrics_port: int = Field(default=9464, ge=0, le=65535, description="Prometheus /metrics port; 0 disables")
     log_format: Literal["text", "json"] = Field(default="text", description="json: one JSON object per line")
     access_log: bool = Field(default=True, description="one log line per RPC (health checks excepted)")
+    otel_exporter: Literal["none", "otlp", "console"] = Field(
+        default="none", description="OpenTelemetry tracing: otlp (to otel_endpoint), console (stdout) or none"
+    )
+    otel_endpoint: str | None = Field(default=None, description="OTLP gRPC endpoint, e.g. http://otel-collector:4317")
+    otel_sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0, description="share of new traces recorded")
+    otel_service_name: str = Field(default="ranker", min_length=1, description="service.name of the spans")
 
     @model_validator(mode="after")
     def _security_consistent(self) -> Settings:

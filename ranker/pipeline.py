@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ranker import blending, diversity, features, rules
+from ranker import blending, diversity, features, rules, tracing
 from ranker.domain import DiversitySpec, Personalization, RankQuery, RankResult, Rule, ScoreComponent, ScoredItem
 from ranker.errors import BackendError, InvalidArgument
 from ranker.models import Encoder, QueryTokenizer, Scorer
@@ -58,7 +58,8 @@ class _Stopwatch:
     def stage(self, name: str) -> Iterator[None]:
         start = time.perf_counter()
         try:
-            yield
+            with tracing.span(name):
+                yield
         finally:
             self.timings.append((name, (time.perf_counter() - start) * 1000.0))
 

@@ -16,7 +16,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from threadpoolctl import threadpool_limits
 
-from ranker import observability, profiles, security
+from ranker import observability, profiles, security, tracing
 from ranker.catalog_journal import JournalError
 from ranker.config import Settings
 from ranker.domain import RankQuery
@@ -258,6 +258,21 @@ async def serve(settings: Settings) -> None:
     # OpenMP pools add nothing to that but idle threads that spin between calls (measured on 2 cores:
     # one spinning BLAS thread took as much CPU as the Rank pipeline itself).
     threadpool_limits(limits=1)
+    provider = tracing.configure(
+        settings.otel_exporter,
+        endpoint=settings.otel_endpoint,
+        sample_ratio=settings.otel_sample_ratio,
+        service_name=settings.otel_service_name,
+    )
+    try:
+        await _serve_release(settings)
+    finally:
+        if provider is not None:
+            provider.shutdown()  # exports the spans still buffered
+
+
+async def _serve_release(settings: Settings) -> None:
+    assert settings.release is not None
     release = await asyncio.to_thread(load_release, settings, settings.release)
     log.info("release %s loaded: %d items", release.manifest.release_id, len(release.catalog))
     async with triton_endpoint(settings, release) as url:

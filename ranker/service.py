@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import grpc
 
+from ranker import tracing
 from ranker.config import Settings
 from ranker.domain import (
     DEFAULT_STRENGTH,
@@ -385,8 +386,10 @@ class RankerServicer(ranker_pb2_grpc.RankerServicer):
         ranker = self._current()
         async with _statuses(context, "Rank failed (request_id=%s)", request.request_id[:MAX_ID_CHARS]):
             query = to_query(request, self._settings, ranker.release.catalog.row_of, ranker.release.policy)
-            result = await ranker.rank(query, timeout=self._timeout(context))
-            return to_response(result, ranker)
+            caller = tracing.incoming(context.invocation_metadata()) if tracing.enabled() else None
+            with tracing.span("Rank", context=caller, attributes={"ranker.request_id": query.request_id}):
+                result = await ranker.rank(query, timeout=self._timeout(context))
+                return to_response(result, ranker)
         raise AssertionError("unreachable: _statuses aborts the RPC on any error")
 
     async def UpsertItems(

@@ -15,6 +15,7 @@ from tritonclient.grpc import InferInput, InferRequestedOutput, model_config_pb2
 from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
+from ranker import tracing
 from ranker.breaker import CircuitBreaker
 from ranker.errors import BackendError, BackendFailed, BackendTimeout, BackendUnavailable, NotConfigured
 from ranker.models import ENCODER_INPUTS, ENCODER_OUTPUT, RANKER_INPUT, RANKER_OUTPUT
@@ -202,6 +203,7 @@ class TritonModels:
                         # The same deadline for Triton's queue (model configs allow the override):
                         # a request still queued when the caller has given up is rejected, not run.
                         timeout=None if timeout is None else max(1, int(timeout * 1e6)),
+                        headers=tracing.outgoing() or None,  # traceparent: Triton's spans join the trace
                     ),
                     backend,
                 )
