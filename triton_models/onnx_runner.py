@@ -143,16 +143,32 @@ def run_batched(
             valid.append(i)
         except RequestError as e:
             results[i] = e
-    if not valid:
-        return results
-    try:
-        feeds, sizes = concat_requests([requests[i] for i in valid], settings.input_names, pad=settings.pad_axis1)
-        for i, out in zip(valid, split_outputs(run(feeds), sizes), strict=True):
-            results[i] = out
-    except Exception:
-        for i in valid:
-            results[i] = _run_one(run, requests[i], settings)
+    for group in _same_length(requests, valid, settings):
+        try:
+            feeds, sizes = concat_requests([requests[i] for i in group], settings.input_names, pad=settings.pad_axis1)
+            for i, out in zip(group, split_outputs(run(feeds), sizes), strict=True):
+                results[i] = out
+        except Exception:
+            for i in group:
+                results[i] = _run_one(run, requests[i], settings)
     return results
+
+
+def _same_length(
+    requests: Sequence[Mapping[str, np.ndarray]], valid: Sequence[int], settings: RunnerSettings
+) -> list[list[int]]:
+    """The valid requests in groups run as one batch each: all of them, or with pad_axis1 one group per
+    axis-1 length (token count), shortest first. Padding 8-token queries to a 16-token neighbour
+    would nearly double their compute: 14% of Home Depot queries are 16 tokens, so most batches of
+    8 would hold one."""
+    if not settings.pad_axis1 or not valid:
+        return [list(valid)] if valid else []
+    first = settings.input_names[0]
+    groups: dict[int, list[int]] = {}
+    for i in valid:
+        array = requests[i][first]
+        groups.setdefault(int(array.shape[1]) if array.ndim > 1 else 0, []).append(i)
+    return [groups[length] for length in sorted(groups)]
 
 
 def _run_one(run: Any, request: Mapping[str, np.ndarray], settings: RunnerSettings) -> Inputs | Exception:

@@ -119,9 +119,25 @@ def test_run_batched_runs_once_and_answers_in_order() -> None:
         return _sum_model(feeds)
 
     settings = runner.parse_settings(ENCODER_CONFIG)
-    requests = [tokens(2, 3, 1), tokens(1, 5, 10), tokens(3, 2, 50)]
+    requests = [tokens(2, 3, 1), tokens(1, 3, 10), tokens(3, 3, 50)]
     results = runner.run_batched(run, requests, settings)
     assert calls == [6]
+    for request, result in zip(requests, results, strict=True):
+        np.testing.assert_array_equal(result["embedding"], _sum_model(request)["embedding"])
+
+
+def test_run_batched_runs_each_token_length_as_its_own_batch() -> None:
+    """No query is padded to a longer neighbour's length: one run per length, shortest first."""
+    calls: list[tuple[int, int]] = []
+
+    def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        calls.append(feeds["input_ids"].shape)
+        return _sum_model(feeds)
+
+    settings = runner.parse_settings(ENCODER_CONFIG)
+    requests = [tokens(2, 16, 1), tokens(1, 8, 10), tokens(3, 16, 50), tokens(1, 8, 7)]
+    results = runner.run_batched(run, requests, settings)
+    assert calls == [(2, 8), (5, 16)]
     for request, result in zip(requests, results, strict=True):
         np.testing.assert_array_equal(result["embedding"], _sum_model(request)["embedding"])
 
