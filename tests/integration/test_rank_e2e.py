@@ -19,6 +19,7 @@ from ranker.triton import TritonModels
 from ranker.tritonserver import LocalTritonServer
 from ranker.v1 import ranker_pb2, ranker_pb2_grpc
 from tests.integration.conftest import EXAMPLES
+from tests.unit.fakes import SEARCH_STAGES
 
 pytestmark = [pytest.mark.triton, pytest.mark.slow]
 
@@ -60,15 +61,7 @@ def test_response_is_explainable_and_stamped(stub: ranker_pb2_grpc.RankerStub, e
     assert not response.degraded and response.degraded_reason == ""
     assert response.release.release_id == manifest["release_id"]
     assert dict(response.release.model_versions) == {"text_encoder": "1", "ranker": "1"}
-    assert [t.stage for t in response.timings] == [
-        "lexical",
-        "encode",
-        "retrieve",
-        "features",
-        "score",
-        "blend",
-        "diversify",
-    ]
+    assert [t.stage for t in response.timings] == SEARCH_STAGES
     assert response.candidates >= len(response.items) == 10
     scores = [item.score for item in response.items]
     assert scores == sorted(scores, reverse=True)

@@ -26,6 +26,7 @@ from ranker.tritonserver import LocalTritonServer
 from ranker.v1 import ranker_pb2, ranker_pb2_grpc
 from tests.certs import Pki, make_pki
 from tests.integration.conftest import ROOT, free_port
+from tests.unit.fakes import SEARCH_STAGES
 
 pytestmark = [pytest.mark.triton, pytest.mark.slow]
 
@@ -33,7 +34,6 @@ TOKEN = "it-token-3f9a0c1e5b7d2468"
 SECOND_TOKEN = "it-token-rotated-13579bdf"
 INLINE_TOKEN = "it-inline-token-02468ace"
 RAW_USER = "shopper-raw-id-4711@example.com"
-STAGES = ["lexical", "encode", "retrieve", "features", "score", "blend", "diversify"]
 
 
 @dataclass(frozen=True)
@@ -271,7 +271,7 @@ def test_metrics_endpoint_shows_rpcs_stages_triton_and_the_release(tls_server: S
     assert delta("ranker_rpcs_total", method=rank_method, code="OK") == 3
     assert delta("ranker_rpcs_total", method="/ranker.v1.Ranker/RecordEvents", code="UNAUTHENTICATED") == 1
     assert delta("ranker_rpc_duration_seconds_count", method=rank_method) == 3
-    for stage in STAGES:
+    for stage in SEARCH_STAGES:
         assert delta("ranker_rank_stage_duration_seconds_count", stage=stage) == 3, stage
         assert _sample(after, "ranker_rank_stage_duration_seconds_bucket", stage=stage, le="+Inf") >= 3
     assert delta("ranker_rank_candidates_count") == 3

@@ -11,6 +11,7 @@ import pytest
 from ranker.tritonserver import LocalTritonServer
 from ranker.v1 import ranker_pb2, ranker_pb2_grpc
 from tests.integration.conftest import RankerProcess
+from tests.unit.fakes import SEARCH_STAGES
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 CALLER_SPAN = "b7ad6b7169203331"
@@ -50,7 +51,7 @@ def test_rank_spans_continue_the_callers_trace(
     spans = console_spans(process.logs())  # stop() flushed the exporter
     ours = [s for s in spans if s["context"]["trace_id"] == f"0x{TRACE_ID}"]  # type: ignore[index]
     by_name = {s["name"]: s for s in ours}
-    assert {"Rank", "lexical", "encode", "retrieve", "features", "score", "blend", "diversify"} <= set(by_name)
+    assert {"Rank", *SEARCH_STAGES} <= set(by_name)
     rank = by_name["Rank"]
     assert rank["parent_id"] == f"0x{CALLER_SPAN}"
     assert by_name["score"]["parent_id"] == rank["context"]["span_id"]  # type: ignore[index]

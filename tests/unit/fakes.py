@@ -12,6 +12,9 @@ from ranker.features import FEATURE_NAMES
 from ranker.release import Catalog, Manifest, Release
 from ranker.retrieval import Analyzer, DenseIndex, HybridRetriever, LexicalIndex
 
+# The stages a search Rank reports in its timings (and as spans, and in the stage histogram), in order.
+SEARCH_STAGES = ["lexical", "encode", "retrieve", "features", "score", "blend", "diversify"]
+
 ITEMS = [
     # item_id, title, category, brand, price
     ("d1", "DEWALT 20V MAX cordless drill driver kit", "power tools", "DEWALT", 129.0),

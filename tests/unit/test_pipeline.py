@@ -9,7 +9,7 @@ import pytest
 from ranker.domain import DiversityMethod, DiversitySpec, RankQuery
 from ranker.errors import InvalidArgument
 from ranker.pipeline import PipelineSettings, Ranker, check_candidate_ids
-from tests.unit.fakes import FakeEncoder, FakeScorer, FakeTokenizer, tiny_release
+from tests.unit.fakes import SEARCH_STAGES, FakeEncoder, FakeScorer, FakeTokenizer, tiny_release
 
 
 def make_ranker(*, encoder_fails: bool = False, scorer_fails: bool = False) -> Ranker:
@@ -35,15 +35,7 @@ def test_drill_query_puts_drills_first() -> None:
     assert "p1" not in ids[:3]
     assert not result.degraded
     assert result.model_versions == {"text_encoder": "3", "ranker": "5"}
-    assert [stage for stage, _ in result.timings_ms] == [
-        "lexical",
-        "encode",
-        "retrieve",
-        "features",
-        "score",
-        "blend",
-        "diversify",
-    ]
+    assert [stage for stage, _ in result.timings_ms] == SEARCH_STAGES
 
 
 def test_scores_are_non_increasing_and_breakdowns_sum_to_the_score() -> None:

@@ -13,6 +13,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from ranker import tracing
 from ranker.domain import RankQuery
+from tests.unit.fakes import SEARCH_STAGES
 from tests.unit.test_pipeline import make_ranker
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -47,7 +48,7 @@ def test_rank_stages_are_children_of_the_callers_trace(spans: InMemorySpanExport
 
     asyncio.run(run())
     finished = {s.name: s for s in spans.get_finished_spans()}
-    assert {"Rank", "lexical", "encode", "retrieve", "features", "score", "blend", "diversify"} <= set(finished)
+    assert {"Rank", *SEARCH_STAGES} <= set(finished)
     root = finished["Rank"]
     assert format(root.context.trace_id, "032x") == TRACE_ID
     assert root.parent is not None and format(root.parent.span_id, "016x") == "00f067aa0ba902b7"
