@@ -128,7 +128,7 @@ def reference(query_text: str, query: list[str], texts: list[str], items: list[l
     return out
 
 
-WORDS = st.sampled_from(["drill", "bit", "2x4", "12", "120", "v", "saw", "ñ", "x", "1/2", "in."])
+WORDS = st.sampled_from(["drill", "bit", "2x4", "12", "120", "v", "saw", "ñ", "x", "1/2", "in.", "٣", "v2٣"])
 
 
 @settings(max_examples=200, deadline=None)
