@@ -40,6 +40,11 @@ class Settings(BaseSettings):
         description="which config of each model the ranker loads: configs/<name>.pbtxt when the model has it, else "
         "config.pbtxt; 'default': config.pbtxt; unset: 'cpu' for the embedded server, 'default' for an external one",
     )
+    scorer: Literal["triton", "inprocess"] = Field(
+        default="triton",
+        description="where the ranker model runs: on Triton, or in this process with ONNX Runtime (a small ranker: "
+        "no round trip; the release's own ONNX file, the one Triton serves)",
+    )
     triton_load_timeout_s: float = Field(
         default=300.0, gt=0, description="limit for loading one model into Triton (a release swap, the start)"
     )

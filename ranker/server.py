@@ -22,10 +22,10 @@ from ranker.config import Settings
 from ranker.domain import RankQuery
 from ranker.errors import BackendError, NotConfigured, NotFound
 from ranker.live_catalog import CatalogUpdates, LiveCatalog, item_tokenizer
-from ranker.models import QueryTokenizer
+from ranker.models import ONNX_FILE, OnnxScorer, QueryTokenizer, Scorer
 from ranker.personal import Personalizer
 from ranker.pipeline import PipelineSettings, Ranker
-from ranker.release import TOKENIZER, Release
+from ranker.release import MODEL_REPOSITORY, TOKENIZER, Release
 from ranker.service import RankerAdminServicer, RankerServicer
 from ranker.swap import ReleaseLeases, ReleaseParts, ReleaseSwitch, SwitchSettings
 from ranker.triton import TritonEncoder, TritonModels, TritonScorer
@@ -153,10 +153,16 @@ def build_ranker(
     manifest = release.manifest
     enc, rnk = manifest.encoder, manifest.ranker
     names = names or {}
+    scorer: Scorer
+    if settings.scorer == "inprocess":
+        # About 0.1 ms for 200-400 rows of the MLP on the event loop, against ~1.2 ms for a Triton round trip.
+        scorer = OnnxScorer(release.path / MODEL_REPOSITORY / rnk.name / rnk.version / ONNX_FILE, threads=1)
+    else:
+        scorer = TritonScorer(models, model=names.get(rnk.name, rnk.name), label=rnk.name, version=rnk.version)
     return Ranker(
         release,
         encoder=TritonEncoder(models, model=names.get(enc.name, enc.name), label=enc.name, version=enc.version),
-        scorer=TritonScorer(models, model=names.get(rnk.name, rnk.name), label=rnk.name, version=rnk.version),
+        scorer=scorer,
         tokenizer=QueryTokenizer(release.path / TOKENIZER, manifest.max_query_tokens),
         settings=PipelineSettings.for_release(manifest, dense_k=settings.dense_k, lexical_k=settings.lexical_k),
         personalizer=personalizer,

@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from ranker.triton import TritonModels
 from ranker.tritonserver import LocalTritonServer
 from ranker.v1 import ranker_pb2, ranker_pb2_grpc
-from tests.integration.conftest import EXAMPLES
+from tests.integration.conftest import EXAMPLES, RankerProcess
 from tests.unit.fakes import SEARCH_STAGES
 
 pytestmark = [pytest.mark.triton, pytest.mark.slow]
@@ -159,6 +159,40 @@ def test_served_top_10_equals_the_offline_evaluation(stub: ranker_pb2_grpc.Ranke
     for query in queries:
         served = stub.Rank(ranker_pb2.RankRequest(query=query, top_k=10), timeout=30)
         assert [item.item_id for item in served.items] == offline_runs[query][:10], query
+
+
+def test_inprocess_scorer_ranks_like_the_triton_ranker(
+    stub: ranker_pb2_grpc.RankerStub, example_release: Path, triton: LocalTritonServer, tmp_path: Path
+) -> None:
+    """RANKER_SCORER=inprocess runs the release's ranker ONNX file in the service: same items, same scores,
+    and no ranker inference reaches Triton."""
+    requests = [ranker_pb2.RankRequest(query=query, top_k=10) for query in judged_queries(n=8)]
+    on_triton = [stub.Rank(request, timeout=30) for request in requests]
+    process = RankerProcess(example_release, triton.grpc_url, tmp_path, env={"RANKER_SCORER": "inprocess"})
+    with process as target, grpc.insecure_channel(target) as channel:
+        before = asyncio.run(_inferences(triton.grpc_url))
+        in_process = [ranker_pb2_grpc.RankerStub(channel).Rank(request, timeout=30) for request in requests]
+        after = asyncio.run(_inferences(triton.grpc_url))
+    assert after["ranker"] == before["ranker"] and after["text_encoder"] > before["text_encoder"]
+    for request, local, served in zip(requests, in_process, on_triton, strict=True):
+        assert not local.degraded
+        assert [i.item_id for i in local.items] == [i.item_id for i in served.items], request.query
+        for a, b in zip(local.items, served.items, strict=True):
+            assert a.score == pytest.approx(b.score, abs=1e-4)
+
+
+async def _inferences(url: str) -> dict[str, int]:
+    """Successful inferences per model family on Triton (per-release copies of a model count together)."""
+    models = TritonModels(url)
+    try:
+        stats = await models.client.get_inference_statistics(as_json=True)
+    finally:
+        await models.close()
+    counts = {"text_encoder": 0, "ranker": 0}
+    for model in stats.get("model_stats", []):
+        family = "text_encoder" if model["name"].startswith("text_encoder") else "ranker"
+        counts[family] += int(model.get("inference_stats", {}).get("success", {}).get("count", 0))
+    return counts
 
 
 def test_brand_caps_hold_through_the_server(stub: ranker_pb2_grpc.RankerStub) -> None:
