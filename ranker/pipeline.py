@@ -131,7 +131,10 @@ class Ranker:
             with watch.stage("encode"):
                 embedding = await encoding
         finally:
-            encoding.cancel()  # a no-op once done; on an error above, no encoder call is left running
+            if not encoding.done():
+                encoding.cancel()  # an error above: no encoder call is left running
+            elif not encoding.cancelled():
+                encoding.exception()  # marks a failed encode as seen, so asyncio does not log it as lost
         personal = profile if personalization is Personalization.APPLIED else None
         with watch.stage("retrieve"):
             candidates = self._candidates(query, query_tokens, embedding, allowed, pins, personal, lexical)

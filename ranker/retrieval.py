@@ -129,16 +129,24 @@ class DenseRetriever(Protocol):
 EF_SEARCH = 256
 
 
+class _IndexMemory:
+    """Float32 rows in memory a FAISS index owns, exposed to numpy (__array_interface__, read-only). An array
+    made from it has this object as its base, and this object holds the index: the memory outlives every
+    array over it."""
+
+    def __init__(self, index: faiss.Index, address: int, shape: tuple[int, int]) -> None:
+        self.index = index
+        self.__array_interface__ = {"data": (address, True), "shape": shape, "typestr": "<f4", "version": 3}
+
+
 def stored_vectors(index: faiss.Index) -> np.ndarray | None:
     """A read-only view [ntotal, d] of the float32 vectors a flat or HNSW-flat index stores, else None.
-
-    The view shares the index's memory: keep the index alive as long as the view."""
+    The view shares the index's memory and keeps the index alive."""
     flat = faiss.downcast_index(index.storage) if isinstance(index, faiss.IndexHNSW) else index
     if not isinstance(flat, faiss.IndexFlat) or flat.ntotal == 0:
         return None
-    view = faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
-    view.flags.writeable = False
-    return view
+    address = faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).__array_interface__["data"][0]
+    return np.asarray(_IndexMemory(index, address, (flat.ntotal, flat.d)))
 
 
 class DenseIndex:

@@ -99,3 +99,17 @@ def test_a_loaded_index_reads_rows_from_its_own_vectors(tmp_path: Path, items: i
     assert not loaded.embeddings.flags.writeable
     rows = np.array([3, 1, 40])
     np.testing.assert_allclose(loaded.similarities(vectors[1], rows), vectors[rows] @ vectors[1], rtol=1e-6)
+
+
+def test_stored_vectors_outlive_their_index(tmp_path: Path) -> None:
+    """The rows are the index's memory: they stay valid after every other reference to the index is gone."""
+    import gc
+
+    rng = np.random.default_rng(5)
+    vectors = rng.normal(size=(30_000, 16)).astype(np.float32)
+    DenseIndex.build(vectors).save(tmp_path / "index.faiss", tmp_path / "embeddings.npy")
+    rows = DenseIndex.load(tmp_path / "index.faiss", tmp_path / "embeddings.npy").embeddings
+    gc.collect()
+    _churn = [np.ones(30_000 * 16, dtype=np.float32) for _ in range(4)]  # would reuse freed memory
+    np.testing.assert_array_equal(rows, vectors)
+    assert type(rows) is np.ndarray
