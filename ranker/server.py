@@ -271,15 +271,14 @@ async def serve(settings: Settings) -> None:
         service_name=settings.otel_service_name,
     )
     try:
-        await _serve_release(settings)
+        await _serve_release(settings, settings.release)
     finally:
         if provider is not None:
             provider.shutdown()  # exports the spans still buffered
 
 
-async def _serve_release(settings: Settings) -> None:
-    assert settings.release is not None
-    release = await asyncio.to_thread(load_release, settings, settings.release)
+async def _serve_release(settings: Settings, path: Path) -> None:
+    release = await asyncio.to_thread(load_release, settings, path)
     log.info("release %s loaded: %d items", release.manifest.release_id, len(release.catalog))
     async with triton_endpoint(settings, release) as url:
         models = TritonModels(url)
