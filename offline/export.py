@@ -199,12 +199,15 @@ class Exporter:
         if judgments is not None and self.finetuned is not None:
             with self.stages("dense_dev_metrics"):
                 self.dense_dev_metrics(items, judgments, enc, dense)
+        with self.stages("title_index"):
+            text = TitleIndex.build(titles, tokens)
+            text.save(self.staging / layout.TITLE_INDEX)
         corpus = train_ranker.Corpus(
             item_ids=items["item_id"].to_list(),
             titles=titles,
             tokens=tokens,
             retriever=HybridRetriever(dense, lexical),
-            text=TitleIndex.build(titles, tokens),
+            text=text,
         )
         ranker_onnx = self.ranker(corpus, enc, judgments)
         with self.stages("triton_repository"):

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from offline.export import EF_CONSTRUCTION, HNSW_M, HNSW_THRESHOLD, file_hashes, publish, sha256_bytes
 from ranker import release as layout
+from ranker.features import TitleIndex
 from ranker.policy import POLICY_FILE
 from ranker.retrieval import Analyzer, DenseIndex, LexicalIndex
 
@@ -85,9 +86,11 @@ def build(base_dir: Path, items: int, staging: Path, seed: int) -> dict[str, obj
     grown = grow_items(base_items, items)
     grown.write_parquet(staging / layout.ITEMS)
     print(f"building BM25 over {items:,} titles", file=sys.stderr)
-    tokens = Analyzer().analyze_many(grown["title"].to_list())
+    titles = grown["title"].to_list()
+    tokens = Analyzer().analyze_many(titles)
     LexicalIndex.build(tokens).save(staging / layout.LEXICAL_DIR)
-    del tokens
+    TitleIndex.build(titles, tokens).save(staging / layout.TITLE_INDEX)
+    del tokens, titles
     embeddings = grow_embeddings(np.load(base_dir / layout.EMBEDDINGS, mmap_mode="r"), items, seed)
     with tqdm(total=items, desc="HNSW index", unit="item", unit_scale=True) as bar:
         dense = DenseIndex.build(

@@ -6,6 +6,7 @@
       embeddings.npy           float32 [items, dim], L2-normalised, row-aligned with items.parquet
       dense.faiss              FAISS inner-product index over embeddings.npy
       lexical/                 bm25s index over the analysed titles
+      title_index/             optional: ranker.features.TitleIndex of the titles (built at load when absent)
       tokenizer/tokenizer.json the query encoder's tokenizer (Hugging Face `tokenizers` format)
       triton_models/           a Triton model repository: text_encoder/ and ranker/, each with
                                config.pbtxt (GPU), configs/cpu.pbtxt, <version>/model.onnx, model.py
@@ -41,6 +42,7 @@ ITEMS = "items.parquet"
 EMBEDDINGS = "embeddings.npy"
 DENSE_INDEX = "dense.faiss"
 LEXICAL_DIR = "lexical"
+TITLE_INDEX = "title_index"  # ranker.features.TitleIndex.save; optional (built at load when absent)
 TOKENIZER = "tokenizer/tokenizer.json"
 MODEL_REPOSITORY = "triton_models"
 ENCODER_MODEL = "text_encoder"
@@ -154,7 +156,10 @@ class Catalog:
         return len(self.item_ids)
 
     @classmethod
-    def from_frame(cls, items: pl.DataFrame, analyzer: Analyzer, *, today: date | None = None) -> Catalog:
+    def from_frame(
+        cls, items: pl.DataFrame, analyzer: Analyzer, *, today: date | None = None, text: TitleIndex | None = None
+    ) -> Catalog:
+        """The catalog's columns; `text`: the titles' TitleIndex when already built (a release's saved one)."""
         items = conform(items)
         titles = items["title"].to_list()
         ids = items["item_id"].to_list()
@@ -177,7 +182,7 @@ class Catalog:
             brands=items["brand"].to_list(),
             prices=items["price"].fill_null(np.nan).to_numpy().astype(np.float64),
             tokens=tokens,
-            text=TitleIndex.build(titles, tokens),
+            text=text if text is not None and len(text) == len(titles) else TitleIndex.build(titles, tokens),
             row_of={item_id: row for row, item_id in enumerate(ids)},
             signals=signals,
             in_stock=in_stock,
@@ -277,7 +282,7 @@ class Release:
             )
         analyzer = Analyzer()
         items = pl.read_parquet(path / ITEMS)
-        catalog = Catalog.from_frame(items, analyzer)
+        catalog = Catalog.from_frame(items, analyzer, text=TitleIndex.load(path / TITLE_INDEX))
         dense = load_dense(path, manifest, dense_backend, vector_engine_url, ef_search=ef_search)
         lexical = LexicalIndex.load(path / LEXICAL_DIR)
         if not (len(catalog) == dense.num_items == lexical.num_items == manifest.items):

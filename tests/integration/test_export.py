@@ -14,7 +14,7 @@ import pytest
 
 from offline import export
 from ranker import release as layout
-from ranker.features import FEATURE_NAMES, NUM_FEATURES
+from ranker.features import FEATURE_NAMES, NUM_FEATURES, TitleIndex
 from ranker.models import OnnxEncoder, OnnxScorer, QueryTokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -85,6 +85,14 @@ def test_release_loads_and_retrieves(released: Path) -> None:
     candidates = loaded.retriever.retrieve(tokens, query, dense_k=10, lexical_k=10)
     top = [loaded.catalog.titles[r] for r in candidates.dense_ranked[:3]]
     assert all("Drill" in title for title in top), top
+    # The title index is the export's, read from the release, and matches like one built from the titles.
+    saved = TitleIndex.load(released / layout.TITLE_INDEX)
+    assert saved is not None and saved.vocabulary == loaded.catalog.text.vocabulary
+    built = TitleIndex.build(loaded.catalog.titles, loaded.catalog.tokens)
+    rows = np.arange(len(loaded.catalog))
+    for text in ("cordless drill 20v", "1/2 in. x 10 ft. pipe", "paint"):
+        terms = loaded.analyzer.analyze(text)
+        np.testing.assert_array_equal(saved.matches(rows, text, terms)[0], built.matches(rows, text, terms)[0])
 
 
 @pytest.mark.slow

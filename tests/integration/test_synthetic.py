@@ -8,7 +8,7 @@ import numpy as np
 import polars as pl
 
 from offline import synthetic
-from ranker.release import ITEMS, Release
+from ranker.release import ITEMS, TITLE_INDEX, Release
 
 
 def test_a_synthetic_release_loads_with_variants_of_every_item(example_release: Path, tmp_path: Path) -> None:
@@ -30,5 +30,6 @@ def test_a_synthetic_release_loads_with_variants_of_every_item(example_release: 
     assert 0.8 < cosine < 0.99
     assert np.allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)
     assert pl.read_parquet(out / ITEMS).height == 3 * n + 5
+    assert (out / TITLE_INDEX / "meta.json").is_file()
     # The variant's own embedding finds it first.
     assert grown.retriever.dense.search(e[2 * n + 4], 1)[0] == 2 * n + 4

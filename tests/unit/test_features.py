@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -163,3 +164,21 @@ def test_appending_leaves_the_earlier_index_as_it_was() -> None:
     assert found[0, 0] == 0 and totals[0] == 1
     found, _ = second.matches(np.array([0, 1]), "gizmo", ["gizmo"])
     assert found[:, 0].tolist() == [0, 1]
+
+
+def test_a_saved_index_loads_equal(tmp_path: Path) -> None:
+    titles = ["DEWALT 20V Drill", "Behr 1 gal. Paint", ""]
+    tokens = [["dewalt", "20v", "drill"], ["behr", "1", "gal", "paint"], []]
+    built = TitleIndex.build(titles, tokens)
+    built.save(tmp_path / "text")
+    loaded = TitleIndex.load(tmp_path / "text")
+    assert loaded is not None and loaded.vocabulary == built.vocabulary
+    rows = np.array([2, 0, 1])
+    for query, terms in (("dewalt drill 20v", ["dewalt", "drill", "20v"]), ("1 gal paint", ["1", "gal", "paint"])):
+        a, b = built.matches(rows, query, terms), loaded.matches(rows, query, terms)
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_array_equal(a[1], b[1])
+    # Appending to a loaded index extends its vocabulary like a built one.
+    grown = loaded.appended(["Gizmo Drill"], [["gizmo", "drill"]])
+    assert grown.matches(np.array([3]), "gizmo", ["gizmo"])[0][0, 0] == 1
+    assert TitleIndex.load(tmp_path / "missing") is None
