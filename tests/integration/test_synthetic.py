@@ -6,9 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pytest
 
 from offline import synthetic
 from ranker.release import ITEMS, TITLE_INDEX, Release
+
+pytestmark = pytest.mark.slow  # exports the example release when the session has not yet
 
 
 def test_a_synthetic_release_loads_with_variants_of_every_item(example_release: Path, tmp_path: Path) -> None:
