@@ -348,16 +348,17 @@ class Ranker:
         is_pin: bool,
     ) -> ScoredItem:
         """The item's breakdown: signals, rules, then the diversity or pin adjustment; sums to score."""
-        contributions = blend.contributions
+        normalized = blend.normalized[:, i]
         parts = [
-            ScoreComponent(
-                name=name,
-                raw=float(blend.raw[s, i]),
-                normalized=float(blend.normalized[s, i]),
-                weight=float(blend.weights[s]),
-                contribution=float(contributions[s, i]),
+            ScoreComponent(name=name, raw=raw, normalized=value, weight=weight, contribution=contribution)
+            for name, raw, value, weight, contribution in zip(
+                blend.names,
+                blend.raw[:, i].tolist(),
+                normalized.tolist(),
+                blend.weights.tolist(),
+                (normalized * blend.weights).tolist(),  # this item's column of blend.contributions
+                strict=True,
             )
-            for s, name in enumerate(blend.names)
         ]
         so_far = float(blend.final[i])
         if adjust is not None:
