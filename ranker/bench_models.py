@@ -6,6 +6,11 @@ Starts an embedded CPU tritonserver on the release (or uses --triton-url), then 
 TritonScorer.score on `rows` feature rows and TritonEncoder.encode on one query, sequentially:
 client round trip percentiles, Triton's own per-request compute time (its statistics), and the
 same ONNX file run in-process with ONNX Runtime for reference.
+
+    python -m ranker.bench_models --release R --concurrency 16 --queries Q.csv [--config-name cpu_nobatch]
+
+adds the encoder alone under load: closed-loop clients encoding real queries for --duration
+seconds (what Triton's dynamic batching is for; compare --config-name cpu and cpu_nobatch).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ranker.bench import load_queries
 from ranker.bench_stages import percentiles, time_sync
 from ranker.features import NUM_FEATURES
 from ranker.models import OnnxEncoder, OnnxScorer, QueryTokenizer, encoder_cpu_onnx
@@ -45,7 +51,7 @@ def triton_url(args: argparse.Namespace) -> Iterator[str]:
     if args.triton_url:
         yield args.triton_url
         return
-    with LocalTritonServer(args.release / "triton_models") as server:
+    with LocalTritonServer(args.release / "triton_models", model_config_name=args.config_name) as server:
         yield server.grpc_url
 
 
@@ -64,6 +70,7 @@ async def bench(url: str, args: argparse.Namespace) -> dict[str, object]:
         encode = await time_async(lambda: encoder.encode(ids, mask, timeout=5.0), args.repeats)
         triton_ranker = await models.time_per_request_ms(manifest.ranker.name)
         triton_encoder = await models.time_per_request_ms(manifest.encoder.name)
+        loaded = await encoder_under_load(encoder, tokenizer, args) if args.concurrency else None
     finally:
         await models.close()
     repo = args.release / "triton_models"
@@ -84,7 +91,37 @@ async def bench(url: str, args: argparse.Namespace) -> dict[str, object]:
             "onnxruntime_in_process": percentiles(
                 time_sync(lambda: local_encoder.encode_sync(ids, mask), args.repeats)
             ),
+            **({"under_load": loaded} if loaded else {}),
         },
+    }
+
+
+async def encoder_under_load(
+    encoder: TritonEncoder, tokenizer: QueryTokenizer, args: argparse.Namespace
+) -> dict[str, object]:
+    """Queries per second and latency of `args.concurrency` clients each encoding one query at a time."""
+    queries = load_queries(args.queries, 5000) if args.queries else [args.query]
+    batches = [tokenizer([q]) for q in queries]
+    latencies: list[float] = []
+    stop_at = time.perf_counter() + args.duration
+
+    async def client(offset: int) -> None:
+        i = offset
+        while time.perf_counter() < stop_at:
+            ids, mask = batches[i % len(batches)]
+            i += args.concurrency
+            start = time.perf_counter()
+            await encoder.encode(ids, mask, timeout=10.0)
+            latencies.append((time.perf_counter() - start) * 1000.0)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client(c) for c in range(args.concurrency)))
+    seconds = time.perf_counter() - started
+    return {
+        "concurrency": args.concurrency,
+        "queries": len(latencies),
+        "qps": len(latencies) / seconds,
+        **percentiles(latencies),
     }
 
 
@@ -95,6 +132,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=200, help="candidate rows per ranker call")
     parser.add_argument("--repeats", type=int, default=500)
     parser.add_argument("--query", default="cordless drill with battery")
+    parser.add_argument("--config-name", default="cpu", help="the models' configs/<name>.pbtxt (embedded server)")
+    parser.add_argument("--concurrency", type=int, default=0, help="also drive the encoder with N clients")
+    parser.add_argument("--queries", type=Path, help="with --concurrency: queries (text or judgments CSV)")
+    parser.add_argument("--duration", type=float, default=10.0, help="with --concurrency: seconds of load")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     with triton_url(args) as url:

@@ -278,3 +278,17 @@ def test_rank_degrades_while_triton_is_down_and_recovers(
             break
         time.sleep(0.2)
     assert not response.degraded and len(response.items) == 5
+
+
+def test_bench_models_drives_the_encoder_under_load(
+    example_release: Path, triton: LocalTritonServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`ranker.bench_models --concurrency`: the encoder alone under concurrent clients, as JSON."""
+    from ranker import bench_models
+
+    argv = ["--release", str(example_release), "--triton-url", triton.grpc_url, "--repeats", "5"]
+    argv += ["--concurrency", "4", "--duration", "1", "--queries", str(EXAMPLES / "judgments.csv"), "--json"]
+    assert bench_models.main(argv) == 0
+    loaded = json.loads(capsys.readouterr().out)["text_encoder"]["under_load"]
+    assert loaded["concurrency"] == 4 and loaded["queries"] > 4 and loaded["qps"] > 0
+    assert 0 < loaded["p50_ms"] <= loaded["p99_ms"]
