@@ -137,6 +137,19 @@ def file_hashes(root: Path) -> dict[str, str]:
     return {p.relative_to(root).as_posix(): layout.sha256_file(p) for p in files}
 
 
+def stamp(staging: Path) -> dict[str, Any]:
+    """A finished release folder's identity for its manifest: release_id (time and a hash of the file
+    hashes), created_at and files (sha256 of every file)."""
+    files = file_hashes(staging)
+    now = datetime.now(UTC)
+    short = sha256_bytes(json.dumps(files, sort_keys=True).encode())[:8]
+    return {
+        "release_id": f"{now:%Y%m%dT%H%M%SZ}-{short}",
+        "created_at": now.isoformat(timespec="seconds"),
+        "files": files,
+    }
+
+
 def finetune_key(data_info: dict[str, Any], config: train_encoder.TrainConfig) -> str:
     """Checkpoint folder name: sha256 of the catalog and judgments files, the catalog limit and the config."""
     payload = {
@@ -495,15 +508,7 @@ class Exporter:
         self.manifest["policy"] = str(self.args.policy) if self.args.policy else "defaults"
 
     def write_manifest(self, items: pl.DataFrame) -> None:
-        files = file_hashes(self.staging)
-        now = datetime.now(UTC)
-        short = sha256_bytes(json.dumps(files, sort_keys=True).encode())[:8]
-        self.manifest.update(
-            release_id=f"{now:%Y%m%dT%H%M%SZ}-{short}",
-            created_at=now.isoformat(timespec="seconds"),
-            files=files,
-            timings_s=self.stages.seconds,
-        )
+        self.manifest.update(stamp(self.staging), timings_s=self.stages.seconds)
         text = json.dumps(_jsonable(self.manifest), indent=2, sort_keys=False)
         (self.staging / layout.MANIFEST).write_text(text + "\n")
         layout.Manifest.from_json(json.loads(text))  # what the service will check, checked now

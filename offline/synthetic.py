@@ -22,14 +22,13 @@ import os
 import shutil
 import sys
 import tempfile
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 from tqdm import tqdm
 
-from offline.export import EF_CONSTRUCTION, HNSW_M, HNSW_THRESHOLD, file_hashes, publish, sha256_bytes
+from offline.export import EF_CONSTRUCTION, HNSW_M, HNSW_THRESHOLD, publish, stamp
 from ranker import release as layout
 from ranker.features import TitleIndex
 from ranker.policy import POLICY_FILE
@@ -101,13 +100,9 @@ def build(base_dir: Path, items: int, staging: Path, seed: int) -> dict[str, obj
             on_added=bar.update,
         )
     dense.save(staging / layout.DENSE_INDEX, staging / layout.EMBEDDINGS)
-    files = file_hashes(staging)
     manifest = dict(base_manifest)
-    now = datetime.now(UTC)
     manifest.update(
-        release_id=f"{now:%Y%m%dT%H%M%SZ}-{sha256_bytes(json.dumps(files, sort_keys=True).encode())[:8]}",
-        created_at=now.isoformat(timespec="seconds"),
-        files=files,
+        stamp(staging),
         index={**base_manifest["index"], "items": items},
         synthetic={
             "base_release": base_manifest["release_id"],
