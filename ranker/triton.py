@@ -119,12 +119,9 @@ class TritonModels:
         try:
             if not await self.client.is_server_ready(client_timeout=2.0):
                 return False
-            for model in models:
-                if not await self.client.is_model_ready(model, client_timeout=2.0):
-                    return False
         except (InferenceServerException, grpc.RpcError, TimeoutError):
             return False
-        return True
+        return await self.models_ready(models)
 
     async def live(self) -> bool:
         """True when the server answers (it may be loading models, or have models that failed); never raises."""
