@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -72,14 +72,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_serving(target: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 120.0) -> None:
+def wait_serving(
+    target: str,
+    process: subprocess.Popen[bytes],
+    log: Path,
+    timeout: float = 120.0,
+    channel: Callable[[str], grpc.Channel] = grpc.insecure_channel,
+) -> None:
+    """Until the ranker at `target` answers health SERVING (over `channel`, e.g. a TLS one); fails with its
+    log when it exits or the timeout passes."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise AssertionError(f"ranker exited with {process.returncode}:\n{log.read_text()[-4000:]}")
-        with grpc.insecure_channel(target) as channel:
+        with channel(target) as channel_:
             try:
-                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+                reply = health_pb2_grpc.HealthStub(channel_).Check(health_pb2.HealthCheckRequest(), timeout=1)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.RpcError:

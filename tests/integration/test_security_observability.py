@@ -25,7 +25,7 @@ from ranker.security import client_channel
 from ranker.tritonserver import LocalTritonServer
 from ranker.v1 import ranker_pb2, ranker_pb2_grpc
 from tests.certs import Pki, make_pki
-from tests.integration.conftest import ROOT, free_port
+from tests.integration.conftest import ROOT, free_port, wait_serving
 from tests.unit.fakes import SEARCH_STAGES
 
 pytestmark = [pytest.mark.triton, pytest.mark.slow]
@@ -89,7 +89,7 @@ def _serve(
         )  # fmt: skip
     target = f"127.0.0.1:{port}"
     try:
-        _wait_serving(target, ready, process, log)
+        wait_serving(target, process, log, timeout=180, channel=ready)
         yield target, log, process
     finally:
         process.terminate()
@@ -97,24 +97,6 @@ def _serve(
             process.wait(timeout=20)
         except subprocess.TimeoutExpired:
             process.kill()
-
-
-def _wait_serving(
-    target: str, ready: Callable[[str], grpc.Channel], process: subprocess.Popen[bytes], log: Path
-) -> None:
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"ranker exited with {process.returncode}:\n{log.read_text()[-4000:]}")
-        with ready(target) as channel:
-            try:
-                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-        time.sleep(0.3)
-    raise AssertionError(f"ranker not serving:\n{log.read_text()[-4000:]}")
 
 
 @pytest.fixture(scope="module")
