@@ -23,6 +23,16 @@ def breaker(clock: Clock) -> CircuitBreaker:
 DOWN = BackendUnavailable("triton:ranker", "connection refused")
 
 
+def opened(clock: Clock) -> CircuitBreaker:
+    """A breaker that has just opened: three calls in a row found the backend down."""
+    b = breaker(clock)
+    for _ in range(3):
+        b.before_call()
+        b.failed(DOWN)
+    assert b.state is State.OPEN
+    return b
+
+
 def test_opens_after_consecutive_failures_and_fails_fast() -> None:
     b = breaker(Clock())
     for _ in range(2):
@@ -55,10 +65,7 @@ def test_error_answers_do_not_open_it() -> None:
 
 def test_half_open_lets_one_probe_through_and_recovers() -> None:
     clock = Clock()
-    b = breaker(clock)
-    for _ in range(3):
-        b.before_call()
-        b.failed(DOWN)
+    b = opened(clock)
     clock.now += 1.0
     b.before_call()  # the probe
     assert b.state is State.HALF_OPEN
@@ -71,10 +78,7 @@ def test_half_open_lets_one_probe_through_and_recovers() -> None:
 
 def test_failed_probe_doubles_the_cooldown_up_to_the_limit() -> None:
     clock = Clock()
-    b = breaker(clock)
-    for _ in range(3):
-        b.before_call()
-        b.failed(DOWN)
+    b = opened(clock)
     for cooldown in (2.0, 4.0, 4.0):
         clock.now += cooldown / 2  # the previous cool-down has elapsed: probe, and it fails
         b.before_call()
@@ -90,10 +94,7 @@ def test_failed_probe_doubles_the_cooldown_up_to_the_limit() -> None:
 
 def test_cancelled_probe_frees_the_slot() -> None:
     clock = Clock()
-    b = breaker(clock)
-    for _ in range(3):
-        b.before_call()
-        b.failed(DOWN)
+    b = opened(clock)
     clock.now += 1.0
     b.before_call()
     b.failed(RuntimeError("cancelled"))
