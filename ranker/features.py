@@ -53,6 +53,7 @@ TRIGRAM_SPACE = 1 << 24
 _TERM, _BIGRAM, _NUMBER_UNIT = "t", "b", "n"
 # Columns of TitleIndex.matches: how many of the query's distinct units of each kind the title has.
 TERMS, BIGRAMS, TRIGRAMS, NUMBERS, LAST_TERM = range(5)
+_KIND_OF_PREFIX = {_TERM: TERMS, _BIGRAM: BIGRAMS, _NUMBER_UNIT: NUMBERS}
 
 
 def _trigram_codes(text: bytes) -> np.ndarray:
@@ -171,7 +172,7 @@ class TitleIndex:
             kinds[code] = TRIGRAMS
             totals[TRIGRAMS] += 1
         for unit in _string_units(query_tokens, query_text):
-            kind = {_TERM: TERMS, _BIGRAM: BIGRAMS, _NUMBER_UNIT: NUMBERS}[unit[0]]
+            kind = _KIND_OF_PREFIX[unit[0]]
             totals[kind] += 1
             if unit in self.vocabulary:
                 kinds[TRIGRAM_SPACE + self.vocabulary[unit]] = kind
