@@ -258,6 +258,17 @@ def test_bench_cli_drives_real_traffic(ranker_target: str) -> None:
     assert [level["concurrency"] for level in levels] == [1, 4]
     assert all(level["requests"] > 0 and level["errors"] == 0 for level in levels)
 
+    # Paired mode: the same server under both names, in alternation; medians over rounds and per-round ratios.
+    paired = [*command[:-5], "--concurrency", "2", "--duration", "0.5", "--rounds", "2", "--compare", ranker_target]
+    done = subprocess.run([*paired, "--json"], capture_output=True, text=True, check=True, timeout=120)
+    result = json.loads(done.stdout)
+    for side in (result, result["compare"]):
+        (level,) = side["levels"]
+        assert level["rounds"] == 2 and len(level["qps_runs"]) == 2 and level["errors"] == 0
+        assert level["requests"] > 0 and level["qps"] > 0
+    (pair,) = result["paired"]
+    assert pair["concurrency"] == 2 and pair["rounds"] == 2 and pair["qps_ratio"] > 0
+
 
 def test_rank_degrades_while_triton_is_down_and_recovers(
     stub: ranker_pb2_grpc.RankerStub, triton: LocalTritonServer
