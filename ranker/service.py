@@ -216,23 +216,19 @@ def to_response(result: RankResult, ranker: Ranker) -> ranker_pb2.RankResponse:
         candidates=result.candidates,
         personalization=_PERSONALIZATION[result.personalization],
     )
+    items = response.items
     for item in result.items:
-        response.items.append(
-            ranker_pb2.RankedItem(
-                item_id=item.item_id,
-                score=item.score,
-                title=catalog.titles[item.row],
-                category=catalog.categories[item.row] or "",
-                brand=catalog.brands[item.row] or "",
-                price=_price(float(catalog.prices[item.row])),
-                breakdown=[
-                    ranker_pb2.ScoreComponent(
-                        name=c.name, raw=c.raw, normalized=c.normalized, weight=c.weight, contribution=c.contribution
-                    )
-                    for c in item.breakdown
-                ],
-            )
+        shown = items.add(
+            item_id=item.item_id,
+            score=item.score,
+            title=catalog.titles[item.row],
+            category=catalog.categories[item.row] or "",
+            brand=catalog.brands[item.row] or "",
+            price=_price(float(catalog.prices[item.row])),
         )
+        breakdown = shown.breakdown  # add() in place: half the time of building each message and copying it in
+        for c in item.breakdown:
+            breakdown.add(name=c.name, raw=c.raw, normalized=c.normalized, weight=c.weight, contribution=c.contribution)
     return response
 
 
