@@ -73,6 +73,13 @@ class Settings(BaseSettings):
     )
     # Equal to ranker.retrieval.EF_SEARCH (tests/unit/test_retrieval.py keeps them so).
     ef_search: int = Field(default=256, ge=16, le=8192, description="HNSW search breadth")
+    query_cache_size: int = Field(
+        default=0,
+        ge=0,
+        le=10_000_000,
+        description="query embeddings kept in a least-recently-used cache (1.6 kB each for MiniLM): a repeated query "
+        "skips the encoder; 0 turns the cache off",
+    )
     dense_backend: Literal["faiss", "qdrant"] = Field(
         default="faiss", description="the release's FAISS index, or its collection in a Qdrant engine"
     )

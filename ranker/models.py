@@ -11,6 +11,8 @@ very same ONNX files in-process through OnnxEncoder / OnnxScorer. Tensor names a
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -37,6 +39,42 @@ class Encoder(Protocol):
     async def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray, *, timeout: float | None) -> np.ndarray:
         """Embeddings [batch, dim] for padded token ids; raises ranker.errors.BackendError."""
         ...
+
+
+class CachedEncoder:
+    """An Encoder with a least-recently-used cache of query embeddings in front of it.
+
+    Shop traffic repeats its head queries, and an embedding depends only on the query's token ids and
+    the encoder (one per release: each release's Ranker gets its own cache). A repeat skips the encoder
+    round trip, and is still answered with its dense retrieval while the encoder is down. Failures are
+    not cached. `on_lookup(hit)` is told of every lookup (the hit-rate metric).
+    """
+
+    def __init__(self, inner: Encoder, max_entries: int, on_lookup: Callable[[bool], object] | None = None) -> None:
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be >= 1, got {max_entries}")
+        self._inner = inner
+        self._max_entries = max_entries
+        self._on_lookup = on_lookup
+        self._cache: OrderedDict[tuple[tuple[int, ...], bytes, bytes], np.ndarray] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    async def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray, *, timeout: float | None) -> np.ndarray:
+        key = (input_ids.shape, input_ids.tobytes(), attention_mask.tobytes())
+        cached = self._cache.get(key)
+        if self._on_lookup is not None:
+            self._on_lookup(cached is not None)
+        if cached is not None:
+            self._cache.move_to_end(key)
+            return cached
+        embedding = np.array(await self._inner.encode(input_ids, attention_mask, timeout=timeout), dtype=np.float32)
+        embedding.setflags(write=False)  # shared by every request for this query
+        self._cache[key] = embedding
+        if len(self._cache) > self._max_entries:
+            self._cache.popitem(last=False)
+        return embedding
 
 
 class Scorer(Protocol):

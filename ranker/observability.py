@@ -138,6 +138,12 @@ class Metrics:
         self.triton_errors = Counter(
             "ranker_triton_errors", "Failed Triton inference calls by model and kind", ["model", "error"], registry=r
         )
+        self.query_cache = Counter(
+            "ranker_query_cache_lookups",
+            "Query embedding cache lookups (RANKER_QUERY_CACHE_SIZE) by result: hit or miss",
+            ["result"],
+            registry=r,
+        )
         self.release = Info("ranker_release", "The serving release and its model versions", registry=r)
         self.release_loaded = Gauge(
             "ranker_release_loaded_timestamp_seconds", "When the serving release was (last) set", registry=r
@@ -185,6 +191,11 @@ class Metrics:
 
 
 METRICS = Metrics()
+
+
+def observe_query_cache(hit: bool) -> None:
+    """The hook ranker.models.CachedEncoder calls once per lookup."""
+    METRICS.query_cache.labels(result="hit" if hit else "miss").inc()
 
 
 def observe_triton(model: str, seconds: float, error: BaseException | None = None) -> None:

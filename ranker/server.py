@@ -22,7 +22,7 @@ from ranker.config import Settings
 from ranker.domain import RankQuery
 from ranker.errors import BackendError, NotConfigured, NotFound
 from ranker.live_catalog import CatalogUpdates, LiveCatalog, item_tokenizer
-from ranker.models import ONNX_FILE, OnnxScorer, QueryTokenizer, Scorer
+from ranker.models import ONNX_FILE, CachedEncoder, Encoder, OnnxScorer, QueryTokenizer, Scorer
 from ranker.personal import Personalizer
 from ranker.pipeline import PipelineSettings, Ranker
 from ranker.release import MODEL_REPOSITORY, TOKENIZER, Release
@@ -159,9 +159,12 @@ def build_ranker(
         scorer = OnnxScorer(release.path / MODEL_REPOSITORY / rnk.name / rnk.version / ONNX_FILE, threads=1)
     else:
         scorer = TritonScorer(models, model=names.get(rnk.name, rnk.name), label=rnk.name, version=rnk.version)
+    encoder: Encoder = TritonEncoder(models, model=names.get(enc.name, enc.name), label=enc.name, version=enc.version)
+    if settings.query_cache_size:
+        encoder = CachedEncoder(encoder, settings.query_cache_size, on_lookup=observability.observe_query_cache)
     return Ranker(
         release,
-        encoder=TritonEncoder(models, model=names.get(enc.name, enc.name), label=enc.name, version=enc.version),
+        encoder=encoder,
         scorer=scorer,
         tokenizer=QueryTokenizer(release.path / TOKENIZER, manifest.max_query_tokens),
         settings=PipelineSettings.for_release(manifest, dense_k=settings.dense_k, lexical_k=settings.lexical_k),

@@ -181,6 +181,25 @@ def test_inprocess_scorer_ranks_like_the_triton_ranker(
             assert a.score == pytest.approx(b.score, abs=1e-4)
 
 
+def test_query_cache_skips_the_encoder_for_repeated_queries(
+    example_release: Path, triton: LocalTritonServer, tmp_path: Path
+) -> None:
+    """RANKER_QUERY_CACHE_SIZE: a repeated query is ranked the same without a second encoder inference."""
+    requests = [ranker_pb2.RankRequest(query=query, top_k=10) for query in judged_queries(n=4)]
+    process = RankerProcess(example_release, triton.grpc_url, tmp_path, env={"RANKER_QUERY_CACHE_SIZE": "100"})
+    with process as target, grpc.insecure_channel(target) as channel:
+        stub = ranker_pb2_grpc.RankerStub(channel)
+        before = asyncio.run(_inferences(triton.grpc_url))
+        first = [stub.Rank(request, timeout=30) for request in requests]
+        again = [stub.Rank(request, timeout=30) for request in requests]
+        after = asyncio.run(_inferences(triton.grpc_url))
+    assert after["text_encoder"] - before["text_encoder"] == len(requests)
+    assert after["ranker"] - before["ranker"] == 2 * len(requests)
+    for a, b in zip(first, again, strict=True):
+        assert not a.degraded and not b.degraded
+        assert [(i.item_id, i.score) for i in a.items] == [(i.item_id, i.score) for i in b.items]
+
+
 async def _inferences(url: str) -> dict[str, int]:
     """Successful inferences per model family on Triton (per-release copies of a model count together)."""
     models = TritonModels(url)

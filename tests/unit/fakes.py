@@ -68,16 +68,17 @@ class FakeScorer:
 
 
 class FakeTokenizer:
-    """QueryTokenizer stand-in: one id per distinct text, remembered for FakeEncoder."""
+    """QueryTokenizer stand-in: one id per distinct text (the same text, the same id), remembered for FakeEncoder."""
 
     def __init__(self) -> None:
         self.texts: dict[int, str] = {}
+        self._ids: dict[str, int] = {}
         self.max_tokens = 4
 
     def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         ids = []
         for text in texts:
-            key = len(self.texts) + 1
+            key = self._ids.setdefault(text, len(self._ids) + 1)
             self.texts[key] = text
             ids.append([key, 0, 0, 0])
         arr = np.array(ids, dtype=np.int64)
