@@ -77,7 +77,7 @@ class Settings(BaseSettings):
         default=0,
         ge=0,
         le=10_000_000,
-        description="query embeddings kept in a least-recently-used cache (1.6 kB each for MiniLM): a repeated query "
+        description="query embeddings kept in a least-recently-used cache (about 2 kB each for MiniLM): a repeated query "
         "skips the encoder; 0 turns the cache off",
     )
     dense_backend: Literal["faiss", "qdrant"] = Field(
