@@ -77,8 +77,8 @@ class Settings(BaseSettings):
         default=0,
         ge=0,
         le=10_000_000,
-        description="query embeddings kept in a least-recently-used cache (about 2 kB each for MiniLM): a repeated query "
-        "skips the encoder; 0 turns the cache off",
+        description="query embeddings kept in a least-recently-used cache (about 2 kB each for MiniLM): a repeated "
+        "query skips the encoder; 0 turns the cache off",
     )
     dense_backend: Literal["faiss", "qdrant"] = Field(
         default="faiss", description="the release's FAISS index, or its collection in a Qdrant engine"
