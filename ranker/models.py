@@ -19,6 +19,8 @@ from typing import Protocol
 import numpy as np
 from tokenizers import Tokenizer
 
+from ranker.errors import BackendTimeout
+
 ENCODER_INPUTS = ("input_ids", "attention_mask")
 ENCODER_OUTPUT = "embedding"
 RANKER_INPUT = "features"
@@ -41,13 +43,18 @@ class Encoder(Protocol):
         ...
 
 
+_CacheKey = tuple[tuple[int, ...], bytes, bytes]  # the token ids' shape and bytes, the mask's bytes
+
+
 class CachedEncoder:
     """An Encoder with a least-recently-used cache of query embeddings in front of it.
 
     Shop traffic repeats its head queries, and an embedding depends only on the query's token ids and
     the encoder (one per release: each release's Ranker gets its own cache). A repeat skips the encoder
-    round trip, and is still answered with its dense retrieval while the encoder is down. Failures are
-    not cached. `on_lookup(hit)` is told of every lookup (the hit-rate metric).
+    round trip, and is still answered with its dense retrieval while the encoder is down. Concurrent
+    misses of one query share a single encoder call (a burst of a popular query after a release swap
+    costs one inference); each caller still waits no longer than its own timeout. Failures are not
+    cached. `on_lookup(hit)` is told of every lookup (the hit-rate metric).
     """
 
     def __init__(self, inner: Encoder, max_entries: int, on_lookup: Callable[[bool], object] | None = None) -> None:
@@ -56,7 +63,8 @@ class CachedEncoder:
         self._inner = inner
         self._max_entries = max_entries
         self._on_lookup = on_lookup
-        self._cache: OrderedDict[tuple[tuple[int, ...], bytes, bytes], np.ndarray] = OrderedDict()
+        self._cache: OrderedDict[_CacheKey, np.ndarray] = OrderedDict()
+        self._pending: dict[_CacheKey, asyncio.Future[np.ndarray]] = {}
 
     def __len__(self) -> int:
         return len(self._cache)
@@ -69,12 +77,33 @@ class CachedEncoder:
         if cached is not None:
             self._cache.move_to_end(key)
             return cached
+        call = self._pending.get(key)
+        if call is None:
+            # The call belongs to the cache, not to this caller: a caller that gives up leaves it running for
+            # the others, and its answer still fills the cache.
+            call = asyncio.ensure_future(self._fetch(key, input_ids, attention_mask, timeout))
+            self._pending[key] = call
+            call.add_done_callback(lambda done: self._settle(key, done))
+        try:
+            return await asyncio.wait_for(asyncio.shield(call), timeout)
+        except TimeoutError as e:
+            raise BackendTimeout("text_encoder", f"no embedding within {timeout:.3f}s") from e
+
+    async def _fetch(
+        self, key: _CacheKey, input_ids: np.ndarray, attention_mask: np.ndarray, timeout: float | None
+    ) -> np.ndarray:
         embedding = np.array(await self._inner.encode(input_ids, attention_mask, timeout=timeout), dtype=np.float32)
         embedding.setflags(write=False)  # shared by every request for this query
         self._cache[key] = embedding
         if len(self._cache) > self._max_entries:
             self._cache.popitem(last=False)
         return embedding
+
+    def _settle(self, key: _CacheKey, call: asyncio.Future[np.ndarray]) -> None:
+        if self._pending.get(key) is call:
+            del self._pending[key]
+        if not call.cancelled():
+            call.exception()  # seen: a failure nobody waited for any more is not logged as lost
 
 
 class Scorer(Protocol):

@@ -9,6 +9,7 @@ import pytest
 
 from ranker import observability
 from ranker.domain import RankQuery
+from ranker.errors import BackendTimeout, BackendUnavailable
 from ranker.models import CachedEncoder
 from ranker.pipeline import PipelineSettings, Ranker
 from tests.unit.fakes import FakeEncoder, FakeScorer, FakeTokenizer, tiny_release
@@ -97,3 +98,71 @@ def test_lookups_are_counted_by_result() -> None:
     observability.observe_query_cache(False)
     observability.observe_query_cache(False)
     assert (count("hit") - hits, count("miss") - misses) == (1.0, 2.0)
+
+
+class GatedEncoder:
+    """An encoder whose calls wait for `gate`; counts calls and fails when `fail` is set."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.calls = 0
+        self.fail = False
+
+    async def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray, *, timeout: float | None) -> np.ndarray:
+        self.calls += 1
+        await self.gate.wait()
+        if self.fail:
+            raise BackendUnavailable("triton:text_encoder", "connection refused")
+        return np.full((1, 4), float(input_ids[0, 0]), dtype=np.float32)
+
+
+IDS = np.array([[7, 1, 0]], dtype=np.int64)
+MASK = (IDS > 0).astype(np.int64)
+
+
+def test_concurrent_misses_of_one_query_share_one_encoder_call() -> None:
+    async def scenario() -> None:
+        inner = GatedEncoder()
+        cache = CachedEncoder(inner, 10)
+        callers = [asyncio.ensure_future(cache.encode(IDS, MASK, timeout=5)) for _ in range(5)]
+        await asyncio.sleep(0.01)
+        callers[0].cancel()  # the first caller gives up: the others still get the answer
+        inner.gate.set()
+        results = await asyncio.gather(*callers[1:])
+        assert inner.calls == 1 and len(cache) == 1
+        assert all(r is results[0] for r in results) and float(results[0][0, 0]) == 7.0
+        assert callers[0].cancelled()
+        assert await cache.encode(IDS, MASK, timeout=5) is results[0] and inner.calls == 1
+
+    asyncio.run(scenario())
+
+
+def test_a_shared_failure_reaches_every_waiter_and_is_not_cached() -> None:
+    async def scenario() -> None:
+        inner = GatedEncoder()
+        inner.fail = True
+        cache = CachedEncoder(inner, 10)
+        callers = [asyncio.ensure_future(cache.encode(IDS, MASK, timeout=5)) for _ in range(3)]
+        await asyncio.sleep(0.01)
+        inner.gate.set()
+        outcomes = await asyncio.gather(*callers, return_exceptions=True)
+        assert inner.calls == 1 and all(isinstance(o, BackendUnavailable) for o in outcomes) and len(cache) == 0
+        inner.fail = False
+        await cache.encode(IDS, MASK, timeout=5)
+        assert inner.calls == 2 and len(cache) == 1
+
+    asyncio.run(scenario())
+
+
+def test_each_waiter_keeps_its_own_timeout() -> None:
+    async def scenario() -> None:
+        inner = GatedEncoder()
+        cache = CachedEncoder(inner, 10)
+        patient = asyncio.ensure_future(cache.encode(IDS, MASK, timeout=5))
+        await asyncio.sleep(0.01)
+        with pytest.raises(BackendTimeout):
+            await cache.encode(IDS, MASK, timeout=0.05)
+        inner.gate.set()
+        assert float((await patient)[0, 0]) == 7.0 and inner.calls == 1
+
+    asyncio.run(scenario())
