@@ -235,6 +235,7 @@ def release_switch(settings: Settings, models: TritonModels, personalizer: Perso
             startup_wait_s=settings.triton_startup_wait_s,
             drain_s=settings.release_drain_s,
             keep_previous=settings.release_keep_previous,
+            score_on_triton=settings.scorer == "triton",
         ),
     )
 

@@ -51,7 +51,7 @@ from ranker.domain import CatalogItem, RankQuery
 from ranker.errors import BackendError, BackendUnavailable, Busy, NotConfigured, NotFound, RankerError
 from ranker.live_catalog import CatalogRetired, LiveCatalog
 from ranker.pipeline import Ranker
-from ranker.release import Release
+from ranker.release import Manifest, ModelInfo, Release
 from ranker.triton import model_config_json
 
 log = logging.getLogger(__name__)
@@ -96,12 +96,18 @@ def config_file(model_dir: Path, variant: str | None) -> Path:
     return model_dir / CONFIG_FILE
 
 
-def read_bundles(release: Release, variant: str | None) -> list[ModelBundle]:
-    """The release's two models as load requests. Reads every file of their version folders (run it in a worker
-    thread); NotFound when a model's configuration or version folder is missing or invalid."""
+def triton_models(manifest: Manifest, *, score_on_triton: bool = True) -> tuple[ModelInfo, ...]:
+    """The release's models a ranker runs on Triton: both, or only the encoder when it scores in-process
+    (RANKER_SCORER=inprocess)."""
+    return (manifest.encoder, manifest.ranker) if score_on_triton else (manifest.encoder,)
+
+
+def read_bundles(release: Release, variant: str | None, models: Sequence[ModelInfo] | None = None) -> list[ModelBundle]:
+    """The release's models (default: both) as load requests. Reads every file of their version folders (run it in
+    a worker thread); NotFound when a model's configuration or version folder is missing or invalid."""
     release_id = release.manifest.release_id
     bundles = []
-    for info in (release.manifest.encoder, release.manifest.ranker):
+    for info in triton_models(release.manifest) if models is None else models:
         model_dir = release.model_repository / info.name
         version_dir = model_dir / info.version
         config = config_file(model_dir, variant)
@@ -257,6 +263,7 @@ class SwitchSettings:
     startup_wait_s: float = 120.0  # for Triton at start, before serving degraded
     drain_s: float = 30.0  # for the old release's RPCs, before unloading its models anyway
     keep_previous: int = 0  # replaced releases whose models stay loaded (several rankers sharing one Triton)
+    score_on_triton: bool = True  # False (RANKER_SCORER=inprocess): the ranker model is not loaded into Triton
 
 
 class ReleaseSwitch:
@@ -275,6 +282,9 @@ class ReleaseSwitch:
         self._loading: str | None = None  # the path of the load in progress
         self._unload_later: set[str] = set()  # Triton models whose unload failed
         self._kept: list[Serving] = []  # replaced releases whose models stay loaded (keep_previous), oldest first
+
+    def _triton_models(self, manifest: Manifest) -> tuple[ModelInfo, ...]:
+        return triton_models(manifest, score_on_triton=self._settings.score_on_triton)
 
     # --- what the RPCs use ---
 
@@ -341,8 +351,9 @@ class ReleaseSwitch:
         wait = self._settings.startup_wait_s
         deadline = time.monotonic() + wait
         manifest = release.manifest
-        pushed_names = {m.name: triton_name(m.name, manifest.release_id) for m in (manifest.encoder, manifest.ranker)}
-        own_names = {m.name: m.name for m in (manifest.encoder, manifest.ranker)}
+        models = self._triton_models(manifest)
+        pushed_names = {m.name: triton_name(m.name, manifest.release_id) for m in models}
+        own_names = {m.name: m.name for m in models}
         try:
             await wait_until(self._models.live, wait, "no answer")
         except BackendUnavailable as e:
@@ -441,7 +452,7 @@ class ReleaseSwitch:
     async def _prepare(self, release: Release, old: Serving, step: Callable[[str], None]) -> Serving:
         """Steps 2 to 5: after it returns, `release` serves; when it raises, nothing has changed."""
         manifest = release.manifest
-        names = {m.name: triton_name(m.name, manifest.release_id) for m in (manifest.encoder, manifest.ranker)}
+        names = {m.name: triton_name(m.name, manifest.release_id) for m in self._triton_models(manifest)}
         if set(names.values()) & set(old.names.values()):  # 32 bits of two release ids' hashes collide
             raise NotConfigured(f"release {manifest.release_id}'s Triton model names {names} are the serving ones'")
         kept = {name for serving in self._kept for name in serving.names.values()}
@@ -475,7 +486,8 @@ class ReleaseSwitch:
 
     async def _push(self, release: Release) -> None:
         """Load the release's models into Triton (both at once) and wait until they are ready."""
-        bundles = await asyncio.to_thread(read_bundles, release, self._settings.config_variant)
+        models = self._triton_models(release.manifest)
+        bundles = await asyncio.to_thread(read_bundles, release, self._settings.config_variant, models)
         timeout = self._settings.load_timeout_s
         results = await asyncio.gather(
             *(self._models.load_model(b.name, config=b.config, files=b.files, timeout=timeout) for b in bundles),

@@ -137,8 +137,11 @@ def fake_release(root: Path, release_id: str) -> Release:
 class World:
     """A switch over fakes: releases A and B on disk (models only), a fake Triton, a state folder."""
 
-    def __init__(self, tmp_path: Path, *, models: str = "auto", keep_previous: int = 0) -> None:
+    def __init__(
+        self, tmp_path: Path, *, models: str = "auto", keep_previous: int = 0, score_on_triton: bool = True
+    ) -> None:
         self.triton = FakeTriton()
+        self.score_on_triton = score_on_triton
         self.tokenizer = FakeTokenizer()
         ids = ("rel-A", "rel-B", "rel-C")
         self.releases = {r.path: r for r in (fake_release(tmp_path, i) for i in ids)}
@@ -159,6 +162,7 @@ class World:
                 startup_wait_s=0.0,
                 drain_s=5.0,
                 keep_previous=keep_previous,
+                score_on_triton=score_on_triton,
             ),
         )
 
@@ -174,12 +178,12 @@ class World:
     def _build(self, release: Release, names: Mapping[str, str]) -> Ranker:
         rid = release.manifest.release_id
         self.encoders[rid] = OnTriton(self.triton, names["text_encoder"], FakeEncoder(self.tokenizer.texts))
-        self.scorers[rid] = OnTriton(self.triton, names["ranker"], FakeScorer())
+        self.scorers[rid] = OnTriton(self.triton, names.get("ranker", ""), FakeScorer())
         self.scorers[rid].broken = rid == self.broken_scorer
         return Ranker(
             release,
             encoder=self.encoders[rid],
-            scorer=self.scorers[rid],
+            scorer=self.scorers[rid] if self.score_on_triton else FakeScorer(),  # RANKER_SCORER=inprocess
             tokenizer=self.tokenizer,  # type: ignore[arg-type]
             settings=PipelineSettings(dense_k=5, lexical_k=5),
         )
@@ -311,6 +315,24 @@ def test_keep_loaded_loads_the_models_again_after_a_triton_restart(tmp_path: Pat
         assert (await rank(world.switch)).degraded
         await world.switch.repair()
         assert set(world.triton.loaded) == world.names(world.a)
+        assert not (await rank(world.switch)).degraded
+
+    run(body)
+
+
+def test_a_ranker_that_scores_in_process_loads_only_the_encoder(tmp_path: Path) -> None:
+    world = World(tmp_path, score_on_triton=False)
+    encoder = {triton_name("text_encoder", "rel-A")}
+
+    async def body() -> None:
+        await world.start()
+        assert set(world.triton.loaded) == encoder
+        assert not (await rank(world.switch)).degraded
+        world.triton.loaded.clear()  # Triton restarted: the repair loads the encoder again, and only it
+        await world.switch.repair()
+        assert set(world.triton.loaded) == encoder
+        await world.switch.load(world.b)
+        assert set(world.triton.loaded) == {triton_name("text_encoder", "rel-B")}
         assert not (await rank(world.switch)).degraded
 
     run(body)
