@@ -485,7 +485,7 @@ class ReleaseSwitch:
             raise NotFound(f"no valid release at {path}: {type(e).__name__}: {e}") from e
 
     async def _push(self, release: Release) -> None:
-        """Load the release's Triton models into Triton (all at once) and wait until they are ready."""
+        """Load the release's models this ranker runs on Triton (all at once) and wait until they are ready."""
         models = self._triton_models(release.manifest)
         bundles = await asyncio.to_thread(read_bundles, release, self._settings.config_variant, models)
         timeout = self._settings.load_timeout_s
