@@ -217,8 +217,6 @@ class Exporter:
             text.save(self.staging / layout.TITLE_INDEX)
         corpus = train_ranker.Corpus(
             item_ids=items["item_id"].to_list(),
-            titles=titles,
-            tokens=tokens,
             retriever=HybridRetriever(dense, lexical),
             text=text,
         )

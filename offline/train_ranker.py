@@ -53,10 +53,8 @@ class Corpus:
     """What retrieval needs about the catalog, row-aligned with the indexes."""
 
     item_ids: Sequence[str]
-    titles: Sequence[str]
-    tokens: Sequence[Sequence[str]]
     retriever: HybridRetriever
-    text: TitleIndex  # TitleIndex.build(titles, tokens)
+    text: TitleIndex  # the titles' TitleIndex, for the match features
 
 
 def build_lists(
