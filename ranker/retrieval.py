@@ -183,9 +183,10 @@ class DenseIndex:
             index.hnsw.efConstruction = ef_construction
         step = len(vectors) if on_added is None else 50_000
         for start in range(0, len(vectors), max(step, 1)):
-            index.add(vectors[start : start + step])
+            chunk = vectors[start : start + step]
+            index.add(chunk)
             if on_added is not None:
-                on_added(len(vectors[start : start + step]))
+                on_added(len(chunk))
         return cls(index, vectors, ef_search)
 
     def save(self, index_path: Path, embeddings_path: Path) -> None:

@@ -286,6 +286,10 @@ class ReleaseSwitch:
     def _triton_models(self, manifest: Manifest) -> tuple[ModelInfo, ...]:
         return triton_models(manifest, score_on_triton=self._settings.score_on_triton)
 
+    def _pushed_names(self, manifest: Manifest) -> dict[str, str]:
+        """The release's model name -> the per-release name the ranker loads it into Triton under."""
+        return {m.name: triton_name(m.name, manifest.release_id) for m in self._triton_models(manifest)}
+
     # --- what the RPCs use ---
 
     def current(self) -> Ranker:
@@ -351,9 +355,8 @@ class ReleaseSwitch:
         wait = self._settings.startup_wait_s
         deadline = time.monotonic() + wait
         manifest = release.manifest
-        models = self._triton_models(manifest)
-        pushed_names = {m.name: triton_name(m.name, manifest.release_id) for m in models}
-        own_names = {m.name: m.name for m in models}
+        pushed_names = self._pushed_names(manifest)
+        own_names = {name: name for name in pushed_names}
         try:
             await wait_until(self._models.live, wait, "no answer")
         except BackendUnavailable as e:
@@ -452,7 +455,7 @@ class ReleaseSwitch:
     async def _prepare(self, release: Release, old: Serving, step: Callable[[str], None]) -> Serving:
         """Steps 2 to 5: after it returns, `release` serves; when it raises, nothing has changed."""
         manifest = release.manifest
-        names = {m.name: triton_name(m.name, manifest.release_id) for m in self._triton_models(manifest)}
+        names = self._pushed_names(manifest)
         if set(names.values()) & set(old.names.values()):  # 32 bits of two release ids' hashes collide
             raise NotConfigured(f"release {manifest.release_id}'s Triton model names {names} are the serving ones'")
         kept = {name for serving in self._kept for name in serving.names.values()}
