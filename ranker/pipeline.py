@@ -303,7 +303,8 @@ class Ranker:
         pinned_entries = []
         if pinned:
             position_of_row = {int(r): i for i, r in enumerate(candidates.rows)}
-            pinned_entries = [(position, position_of_row[row]) for position, row in pinned]
+            # A pin past top_k is not shown, so it takes no place from the selected items either.
+            pinned_entries = [(position, position_of_row[row]) for position, row in pinned if position <= top_k]
         # Unpinned candidates best first, ties by item id: the order every selector starts from.
         order = _best_first(base, candidates.rows, catalog.item_ids, [i for _, i in pinned_entries])
         rows = candidates.rows[order]

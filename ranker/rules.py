@@ -62,23 +62,25 @@ def pins(catalog: Catalog, rules: Sequence[Rule], allowed: np.ndarray | None) ->
 def place(ranked: list[int], pinned: list[tuple[int, int]], k: int) -> tuple[list[int], set[int]]:
     """Insert pinned entries (position, entry) into a ranked list; returns the top k and the pinned set.
 
-    A pin beyond the end of the list goes last.
+    A pin whose position is past the end of a shorter list goes last; a pin past k is not shown.
     """
     out = list(ranked)
     for position, entry in pinned:
-        out.insert(min(position - 1, len(out)), entry)
+        if position <= k:
+            out.insert(min(position - 1, len(out)), entry)
     chosen = out[:k]
     return chosen, {entry for _, entry in pinned} & set(chosen)
 
 
 def pin_scores(scores: np.ndarray, is_pin: Sequence[bool], epsilon: float = 1e-6) -> np.ndarray:
-    """Move each pinned item's score between its neighbours' so the list stays ordered by score."""
+    """Move each pinned item's score between its neighbours' so the list stays ordered by score: at least
+    the next item's (plus epsilon where there is room), at most the previous item's. A run of pins stays in
+    its placed order. The unpinned items must already be ordered by score; their scores do not change."""
     out = np.asarray(scores, dtype=np.float64).copy()
-    for i in reversed(range(len(out))):
-        if not is_pin[i]:
-            continue
-        if i + 1 < len(out):
+    for i in reversed(range(len(out) - 1)):
+        if is_pin[i]:
             out[i] = max(out[i], out[i + 1] + epsilon)
-        if i > 0 and not is_pin[i - 1]:
+    for i in range(1, len(out)):
+        if is_pin[i]:
             out[i] = min(out[i], out[i - 1])
     return out

@@ -71,6 +71,23 @@ def test_pin_takes_its_position_survives_caps_and_keeps_scores_ordered() -> None
     assert_explained(result)
 
 
+def pin(item_id: str, position: int) -> Rule:
+    return Rule(action=RuleAction.PIN, item_ids=frozenset({item_id}), position=position)
+
+
+def test_adjacent_pins_keep_scores_ordered_whatever_their_own_scores() -> None:
+    order = ids(run())
+    # the weakest item pinned just above the strongest one: two pins in a row with rising own scores
+    result = run(rules=(pin(order[-1], 2), pin(order[0], 3)))
+    assert ids(result)[1:3] == [order[-1], order[0]]
+    assert_explained(result)
+
+
+def test_pin_past_top_k_is_not_shown_and_takes_no_place() -> None:
+    plain = ids(run(top_k=4))
+    assert ids(run(top_k=4, rules=(pin("p2", 50),))) == plain
+
+
 def test_pin_of_a_filtered_item_is_not_shown() -> None:
     pin = Rule(action=RuleAction.PIN, item_ids=frozenset({"h1"}), position=1)
     result = run(rules=(pin,), categories=frozenset({"power tools"}))
@@ -97,3 +114,8 @@ def test_place_and_pin_scores() -> None:
     assert order == [20, 10, 11, 12] and shown == {20}
     assert rules.pin_scores(np.array([0.1, 0.9, 0.5]), [True, False, False]).tolist() == [0.9 + 1e-6, 0.9, 0.5]
     assert rules.pin_scores(np.array([0.9, 2.0, 0.5]), [False, True, False]).tolist() == [0.9, 0.9, 0.5]
+    # a pin past the end of a shorter list goes last; one past k is not shown
+    assert rules.place([10, 11], [(3, 20), (9, 21)], k=3) == ([10, 11, 20], {20})
+    # a run of pins keeps its placed order: each at most its predecessor, at least its successor
+    got = rules.pin_scores(np.array([0.9, 0.1, 2.0, 0.5]), [False, True, True, False]).tolist()
+    assert got == [0.9, 0.9, 0.9, 0.5]
