@@ -344,9 +344,10 @@ class HybridRetriever:
             else np.zeros(len(rows), dtype=np.float32)
         )
         bm25 = bm25_all[rows]
-        # Without retrieval lists (rerank path), each signal's own order over the given rows.
+        # Without retrieval lists (rerank path), each signal's own order over the given rows, ties by row:
+        # the caller's order of the items does not matter.
         if dense_ranked is None:
-            dense_ranked = rows[np.argsort(-dense, kind="stable")] if query_embedding is not None else rows[:0]
+            dense_ranked = rows[np.lexsort((rows, -dense))] if query_embedding is not None else rows[:0]
         if lexical_ranked is None:
-            lexical_ranked = rows[np.argsort(-bm25, kind="stable")]
+            lexical_ranked = rows[np.lexsort((rows, -bm25))]
         return Candidates(rows, dense, bm25, dense_ranked, lexical_ranked)

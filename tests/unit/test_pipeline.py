@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import pytest
 
@@ -50,6 +51,20 @@ def test_candidate_ids_rerank_exactly_those_items() -> None:
     result = rank(make_ranker(), candidate_ids=("p1", "d2", "h1"), top_k=10)
     assert sorted(item.item_id for item in result.items) == ["d2", "h1", "p1"]
     assert result.items[0].item_id == "d2"
+
+
+def test_rerank_does_not_depend_on_the_order_of_candidate_ids() -> None:
+    # by the retrieval fusion alone, whose per-signal orders have ties among these items
+    answers = {
+        tuple(
+            (item.item_id, item.score)
+            for item in rank(
+                make_ranker(), query="hose", candidate_ids=ids, weights={"ranker": 0.0, "retrieval": 1.0}
+            ).items
+        )
+        for ids in itertools.permutations(("d1", "d2", "d3", "p1"))
+    }
+    assert len(answers) == 1
 
 
 def test_filters_restrict_category_and_price() -> None:
