@@ -66,7 +66,7 @@ def prepare(values: np.ndarray, spec: SignalPolicy) -> np.ndarray:
     x = np.asarray(values, dtype=np.float64)
     if not spec.higher_is_better:
         x = -x
-    missing = np.isnan(x)
+    missing = ~np.isfinite(x)  # an infinite value (a release column can hold one) is no value either
     if missing.any():
         if spec.missing is not None:
             fill = spec.missing if spec.higher_is_better else -spec.missing
@@ -76,19 +76,23 @@ def prepare(values: np.ndarray, spec: SignalPolicy) -> np.ndarray:
     return x
 
 
+_SCALE_LIMIT = 1e150  # above this, a span or a squared deviation can overflow float64
+
+
 def normalize(values: np.ndarray, how: Normalization) -> np.ndarray:
     x = np.asarray(values, dtype=np.float64)
     if len(x) == 0 or how is Normalization.IDENTITY:
         return x
+    if how is not Normalization.RANK and np.abs(x).max() > _SCALE_LIMIT:
+        x = x / np.abs(x).max()  # both are scale-free; this keeps the span and the variance finite
     if how is Normalization.MINMAX:
         span = x.max() - x.min()
         return (x - x.min()) / span if span > 0 else np.zeros_like(x)
     if how is Normalization.ZSCORE:
         std = x.std()
         return (x - x.mean()) / std if std > 0 else np.zeros_like(x)
-    order = np.argsort(-x, kind="stable")
-    ranks = np.empty(len(x))
-    ranks[order] = np.arange(len(x))
+    # Competition ranking: equal values share the best rank, so ties do not depend on the candidates' order.
+    ranks = np.searchsorted(np.sort(-x), -x, side="left")
     return 1.0 / (1.0 + ranks)
 
 

@@ -240,13 +240,20 @@ def _check_item_id(field: str, value: str) -> None:
     _check_length(field, value, MAX_ID_CHARS)
 
 
+# The magnitude limit of a catalog number: far beyond any price, count or margin, and small enough that
+# blending (spans, variances, weighted sums) cannot overflow.
+MAX_ATTRIBUTE_MAGNITUDE = 1e12
+
+
 def _optional_number(item: ranker_pb2.CatalogItem, name: str, where: str, minimum: float | None) -> float | None:
     if not item.HasField(name):
         return None
     value = float(getattr(item, name))
-    if not math.isfinite(value) or (minimum is not None and value < minimum):
-        domain = "a finite number" if minimum is None else f"a finite number >= {minimum:g}"
-        raise InvalidArgument(f"{where}.{name}", f"must be {domain}, got {value!r}")
+    low = -MAX_ATTRIBUTE_MAGNITUDE if minimum is None else minimum
+    if not (math.isfinite(value) and low <= value <= MAX_ATTRIBUTE_MAGNITUDE):
+        raise InvalidArgument(
+            f"{where}.{name}", f"must be a number in {low:g}..{MAX_ATTRIBUTE_MAGNITUDE:g}, got {value!r}"
+        )
     return value
 
 

@@ -36,6 +36,23 @@ def test_constant_signal_normalises_to_zero() -> None:
     assert normalize(np.array([2.0, 2.0]), Normalization.ZSCORE).tolist() == [0.0, 0.0]
 
 
+def test_tied_values_share_their_rank() -> None:
+    assert normalize(np.array([5.0, 7.0, 5.0, 1.0]), Normalization.RANK).tolist() == [0.5, 1.0, 0.5, 0.25]
+
+
+@pytest.mark.parametrize("how", [Normalization.MINMAX, Normalization.ZSCORE])
+def test_values_near_the_float_limit_normalise_like_small_ones(how: Normalization) -> None:
+    huge = normalize(np.array([1e308, -1e308, 0.0, 5e307]), how)
+    assert np.isfinite(huge).all()
+    assert huge == pytest.approx(normalize(np.array([1.0, -1.0, 0.0, 0.5]), how))
+
+
+def test_infinite_values_count_as_missing() -> None:
+    policy = {"margin": SignalPolicy(weight=1.0, normalization=Normalization.MINMAX)}
+    result = blend({"margin": np.array([math.inf, 2.0, 4.0])}, policy)
+    assert result.final.tolist() == [0.0, 0.0, 1.0]  # filled with the lowest value present
+
+
 def test_blend_sums_weighted_normalised_signals() -> None:
     policy = {
         "a": SignalPolicy(weight=2.0, normalization=Normalization.IDENTITY),
