@@ -157,16 +157,29 @@ def _rule(source: str, i: int, data: Mapping[str, Any], max_amount: float) -> Ru
     except ValueError:
         known = [a.value for a in RuleAction]
         raise InvalidArgument(f"{where}.action", f"must be one of {known}, got {data.get('action')!r}") from None
+    position = data.get("position", 0)
+    if isinstance(position, bool) or not isinstance(position, int):
+        raise InvalidArgument(f"{where}.position", f"must be an integer, got {position!r}")
+    field = data.get("field", "")
+    if not isinstance(field, str):
+        raise InvalidArgument(f"{where}.field", f"must be a string, got {field!r}")
     return make_rule(
         where,
         action=action,
-        item_ids=frozenset(map(str, data.get("item_ids", []))),
-        field=str(data.get("field", "")),
-        values=frozenset(map(str, data.get("values", []))),
-        amount=float(data.get("amount", 0.0)),
-        position=int(data.get("position", 0)),
+        item_ids=_strings(f"{where}.item_ids", data.get("item_ids", [])),
+        field=field,
+        values=_strings(f"{where}.values", data.get("values", [])),
+        amount=_number(source, f"rules[{i}].amount", data.get("amount", 0.0), -math.inf, math.inf),
+        position=position,
         max_amount=max_amount,
     )
+
+
+def _strings(where: str, value: Any) -> frozenset[str]:
+    """A TOML array of strings (a bare string would otherwise be read as its characters)."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InvalidArgument(where, f"must be an array of strings, got {value!r}")
+    return frozenset(value)
 
 
 def policy_from_mapping(data: Mapping[str, Any], source: str) -> Policy:

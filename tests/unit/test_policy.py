@@ -67,6 +67,13 @@ def test_a_policy_file_overrides_only_what_it_names(tmp_path: Path) -> None:
         ),
         ('[[rules]]\naction = "boost"\nitem_ids = ["a"]\namount = 0', "rules[0].amount: must be in (0, 100]"),
         ('[[rules]]\naction = "exclude"', "rules[0]: give either item_ids or field with values"),
+        ('[[rules]]\naction = "exclude"\nitem_ids = "d1"', "rules[0].item_ids: must be an array of strings, got 'd1'"),
+        (
+            '[[rules]]\naction = "bury"\nfield = "brand"\nvalues = "Acme"\namount = 1',
+            "rules[0].values: must be an array of strings, got 'Acme'",
+        ),
+        ('[[rules]]\naction = "pin"\nitem_ids = ["a"]\nposition = "first"', "rules[0].position: must be an integer"),
+        ('[[rules]]\naction = "boost"\nitem_ids = ["a"]\namount = "lots"', "rules[0].amount: must be a finite number"),
         ("max_weight = [", "not valid TOML"),
     ],
 )
