@@ -92,8 +92,8 @@ def _check_price(field: str, value: float) -> None:
 
 def _diversity(request: ranker_pb2.RankRequest, max_top_k: int, policy: Policy) -> DiversitySpec | None:
     """The request's diversity, or None for the policy's default. An unspecified method with caps, a
-    strength or a window keeps the policy's method; an unset strength or window is the policy's when
-    the method is the policy's."""
+    strength or a window keeps the policy's method; an unset strength, window or cap is the policy's
+    when the method is the policy's."""
     d = request.diversity
     if d.method not in _METHODS:
         raise InvalidArgument("diversity.method", f"unknown method {d.method}; known: {sorted(_METHODS)}")
@@ -105,22 +105,25 @@ def _diversity(request: ranker_pb2.RankRequest, max_top_k: int, policy: Policy) 
         value = getattr(d, name)
         if value > max_top_k:
             raise InvalidArgument(f"diversity.{name}", f"must be 0..{max_top_k}, got {value}")
+    caps = ("max_per_category", "max_per_brand")
     if d.method == ranker_pb2.DIVERSITY_METHOD_UNSPECIFIED:
-        if strength is None and window is None and not d.max_per_category and not d.max_per_brand:
+        if strength is None and window is None and not any(d.HasField(name) for name in caps):
             return None
         method = policy.diversity.method
     else:
         method = _METHODS[d.method]
-    if strength is None:
-        strength = policy.diversity.strength if method is policy.diversity.method else DEFAULT_STRENGTH[method]
-    if window is None:
-        window = policy.diversity.window if method is policy.diversity.method else 0
+    # What the request leaves unset comes from the policy when the method is the policy's.
+    base = (
+        policy.diversity
+        if method is policy.diversity.method
+        else DiversitySpec(method=method, strength=DEFAULT_STRENGTH[method])
+    )
     return DiversitySpec(
         method=method,
-        strength=strength,
-        max_per_category=d.max_per_category,
-        max_per_brand=d.max_per_brand,
-        window=window,
+        strength=base.strength if strength is None else strength,
+        max_per_category=d.max_per_category if d.HasField("max_per_category") else base.max_per_category,
+        max_per_brand=d.max_per_brand if d.HasField("max_per_brand") else base.max_per_brand,
+        window=base.window if window is None else window,
     )
 
 

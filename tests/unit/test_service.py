@@ -136,3 +136,21 @@ def test_max_sum_and_window_come_through_with_the_policys_defaults() -> None:
         policy,
     )
     assert unwindowed.diversity is not None and unwindowed.diversity.window == 0  # an explicit 0 is kept
+
+
+def test_unset_caps_are_the_policys_when_the_method_is_the_policys() -> None:
+    from ranker.domain import DiversitySpec
+    from ranker.policy import Policy
+
+    policy = Policy(diversity=DiversitySpec(method=DiversityMethod.MMR, strength=0.2, max_per_brand=1))
+
+    def spec(**diversity: object) -> DiversitySpec | None:
+        return to_query(ranker_pb2.RankRequest(query="x", diversity=diversity), SETTINGS, ROW_OF, policy).diversity
+
+    # tuning only the strength keeps the policy's brand cap
+    assert spec(strength=0.3) == DiversitySpec(method=DiversityMethod.MMR, strength=0.3, max_per_brand=1)
+    assert spec(max_per_brand=0) == DiversitySpec(method=DiversityMethod.MMR, strength=0.2)  # an explicit 0: no cap
+    assert spec(max_per_category=2) == DiversitySpec(
+        method=DiversityMethod.MMR, strength=0.2, max_per_category=2, max_per_brand=1
+    )
+    assert spec(method="DIVERSITY_METHOD_DPP").max_per_brand == 0  # type: ignore[union-attr]  # another method
