@@ -18,7 +18,8 @@ ENV_PREFIX = "RANKER_"
 class Settings(BaseSettings):
     """Every knob of the online service. Nothing else in ranker/ reads the environment."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
+    # hide_input_in_errors: a validation error must not echo the settings, tokens and URLs among them.
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid", hide_input_in_errors=True)
 
     release: Path | None = Field(default=None, description="release folder written by offline.export")
     host: str = Field(default="0.0.0.0", description="address the gRPC server binds")
@@ -146,8 +147,17 @@ class Settings(BaseSettings):
             raise ValueError("tls_cert_file and tls_key_file must be set together")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             raise ValueError("tls_client_ca_file (mTLS) needs tls_cert_file and tls_key_file")
+        if self.auth_tokens is not None and not self.auth_tokens.get_secret_value().replace(",", " ").split():
+            # An empty secret (say, a template whose value was missing) must not quietly turn auth off.
+            raise ValueError("auth_tokens is set but holds no token; unset it to run without tokens")
         if self.auth_required_for_rank and self.auth_token_file is None and self.auth_tokens is None:
             raise ValueError("auth_required_for_rank needs auth_token_file or auth_tokens")
+        return self
+
+    @model_validator(mode="after")
+    def _limits_consistent(self) -> Settings:
+        if self.default_top_k > self.max_top_k:
+            raise ValueError(f"default_top_k ({self.default_top_k}) must be at most max_top_k ({self.max_top_k})")
         return self
 
 

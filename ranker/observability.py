@@ -309,10 +309,10 @@ def _request_id(request: Any, metadata: Any) -> str:
     empty request_id field so the service, the response and the logs all use the same id."""
     value = getattr(request, "request_id", None)
     if isinstance(value, str) and value:
-        return value[:MAX_REQUEST_ID_CHARS]
+        return _printable(value[:MAX_REQUEST_ID_CHARS])
     for key, header in metadata or ():
         if key == "x-request-id" and isinstance(header, str) and header:
-            generated = header[:MAX_REQUEST_ID_CHARS]
+            generated = _printable(header[:MAX_REQUEST_ID_CHARS])
             break
     else:
         generated = uuid.uuid4().hex
@@ -320,6 +320,11 @@ def _request_id(request: Any, metadata: Any) -> str:
         with contextlib.suppress(AttributeError, TypeError, ValueError):
             request.request_id = generated
     return generated
+
+
+def _printable(value: str) -> str:
+    """The id as it may appear in a log line: a control character (a newline could forge a line) becomes U+FFFD."""
+    return value if value.isprintable() else "".join(c if c.isprintable() else "\ufffd" for c in value)
 
 
 def _user(request: Any) -> str | None:

@@ -266,9 +266,9 @@ def token_metadata(token_file: Path | None) -> tuple[tuple[str, str], ...]:
 def load_tokens(file: Path | None, inline: str | None) -> Tokens | None:
     """The configured tokens (RANKER_AUTH_TOKEN_FILE, RANKER_AUTH_TOKENS), or None when there are none.
     A token file that is unreadable or invalid stops the start-up."""
-    if file is None and not inline:
+    if file is None and inline is None:
         return None
     try:
-        return Tokens(file=file, inline=split_inline_tokens(inline) if inline else ())
+        return Tokens(file=file, inline=split_inline_tokens(inline) if inline is not None else ())
     except TokenFileError as e:
         raise SystemExit(f"auth: {e}") from None

@@ -160,6 +160,8 @@ def to_query(
 ) -> RankQuery:
     """Validate a RankRequest; every violation names the field, the value and the limit."""
     _check_length("request_id", request.request_id, MAX_ID_CHARS)
+    if not request.request_id.isprintable():
+        raise InvalidArgument("request_id", f"must hold no control characters, got {request.request_id[:64]!r}")
     _check_length("query", request.query, settings.max_query_chars)
     if request.HasField("user_id"):
         _check_length("user_id", request.user_id, MAX_ID_CHARS)

@@ -287,3 +287,11 @@ def test_method_labels_are_bounded_to_known_rpcs() -> None:
                 channel.unary_unary(f"/ranker.v1.Ranker/Probe{i}")(b"", timeout=10)
     assert value(metrics, "ranker_rpcs_total", method="other", code="UNAUTHENTICATED") == 3
     assert "Probe" not in generate_latest(metrics.registry).decode()
+
+
+def test_a_request_id_cannot_forge_a_log_line() -> None:
+    from ranker.observability import _request_id
+
+    request = ranker_pb2.RankRequest(request_id="r1\nranker.access LoadRelease code=OK")
+    assert _request_id(request, ()) == "r1\ufffdranker.access LoadRelease code=OK"
+    assert _request_id(ranker_pb2.RankRequest(), (("x-request-id", "h\r1"),)) == "h\ufffd1"

@@ -56,3 +56,7 @@ def test_invalid_setting_fails_at_load(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RANKER_DEFAULT_TOP_K", "0")
     with pytest.raises(ValueError, match="default_top_k"):
         load_settings()
+    monkeypatch.setenv("RANKER_DEFAULT_TOP_K", "150")
+    monkeypatch.setenv("RANKER_MAX_TOP_K", "100")
+    with pytest.raises(ValueError, match=r"default_top_k \(150\) must be at most max_top_k \(100\)"):
+        load_settings()

@@ -185,6 +185,17 @@ def test_settings_reject_inconsistent_security(tmp_path: Path) -> None:
         Settings(auth_token_file=tmp_path / "missing")
     with pytest.raises(ValidationError):
         Settings.model_validate({"log_format": "yaml"})
+    for empty in ("", " , "):  # an empty secret must not quietly turn auth off
+        with pytest.raises(ValidationError, match="auth_tokens is set but holds no token"):
+            Settings.model_validate({"auth_tokens": empty})
+
+
+def test_a_settings_error_does_not_echo_a_token(tmp_path: Path) -> None:
+    pem = tmp_path / "x.pem"
+    pem.write_text("-")
+    with pytest.raises(ValidationError) as caught:
+        Settings.model_validate({"tls_client_ca_file": pem, "auth_tokens": OLD})
+    assert "mTLS" in str(caught.value) and OLD not in str(caught.value)
 
 
 # --- the interceptor through the wire -------------------------------------------------------------

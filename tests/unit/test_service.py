@@ -43,6 +43,7 @@ def test_defaults() -> None:
         ({"query": "x", "diversity": {"max_per_brand": 500}}, "diversity.max_per_brand: must be 0..200, got 500"),
         ({"query": "x", "diversity": {"window": 201}}, "diversity.window: must be 0..200, got 201"),
         ({"query": "x", "request_id": "r" * 300}, "request_id: must be at most 256 characters, got 300"),
+        ({"query": "x", "request_id": "r1\nforged"}, "request_id: must hold no control characters, got 'r1\\nforged'"),
     ],
 )
 def test_invalid_requests_name_the_field(kwargs: dict[str, object], message: str) -> None:
