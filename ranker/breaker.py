@@ -15,7 +15,11 @@ import enum
 import time
 from collections.abc import Callable
 
-from ranker.errors import BackendTimeout, BackendUnavailable
+from ranker.errors import BackendTimeout, BackendUnavailable, CircuitOpen
+
+# A timeout counts as "too slow" only when the call had at least this long: a caller whose deadline left
+# a few milliseconds says nothing about the backend, and must not open the circuit for every other caller.
+MIN_COUNTED_TIMEOUT_S = 0.02
 
 
 class State(enum.Enum):
@@ -47,34 +51,43 @@ class CircuitBreaker:
         self._probing = False
         self.state = State.CLOSED
 
-    def before_call(self) -> None:
-        """Raise BackendUnavailable when the call must not go out; otherwise let it through."""
+    def before_call(self) -> bool:
+        """Raise CircuitOpen when the call must not go out; otherwise let it through. True when the call is
+        the half-open probe: only its own outcome (`probe=True`) decides the half-open state."""
         if self.state is State.CLOSED:
-            return
+            return False
         if self.state is State.OPEN:
             if self._clock() - self._opened_at < self._cooldown_s:
-                raise BackendUnavailable(self.backend, "circuit open after repeated failures")
+                raise CircuitOpen(self.backend, "circuit open after repeated failures")
             self.state = State.HALF_OPEN
         if self._probing:  # half-open: one probe at a time, the rest fail fast
-            raise BackendUnavailable(self.backend, "circuit half-open, probe in flight")
+            raise CircuitOpen(self.backend, "circuit half-open, probe in flight")
         self._probing = True
+        return True
 
     def succeeded(self) -> None:
+        """Any answer closes the circuit: the backend is up."""
         self._consecutive = 0
         self._probing = False
         self._cooldown_s = self.base_cooldown_s
         self.state = State.CLOSED
 
-    def failed(self, error: BaseException) -> None:
-        """Count a failure. Only "unreachable" and "too slow" count: an error answer (BackendFailed) or a
-        cancelled call says nothing about whether the backend can take more calls."""
-        if not isinstance(error, BackendUnavailable | BackendTimeout):
+    def failed(self, error: BaseException, *, probe: bool = False, timeout: float | None = None) -> None:
+        """Count a failure of a call that had `timeout` seconds. Only "unreachable" and "too slow" count: an
+        error answer (BackendFailed), a cancelled call or a timeout shorter than MIN_COUNTED_TIMEOUT_S says
+        nothing about whether the backend can take more calls. A call sent before the circuit opened that
+        fails while it is half-open does not end the probe's turn."""
+        if probe:
             self._probing = False
+        if not isinstance(error, BackendUnavailable | BackendTimeout) or isinstance(error, CircuitOpen):
+            return
+        if isinstance(error, BackendTimeout) and timeout is not None and timeout < MIN_COUNTED_TIMEOUT_S:
             return
         self._consecutive += 1
         if self.state is State.HALF_OPEN:
-            self._cooldown_s = min(self._cooldown_s * 2, self.max_cooldown_s)
-            self._open()
+            if probe:
+                self._cooldown_s = min(self._cooldown_s * 2, self.max_cooldown_s)
+                self._open()
         elif self._consecutive >= self.failures:
             self._open()
 

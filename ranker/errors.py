@@ -57,6 +57,10 @@ class BackendUnavailable(BackendError):
     """The dependency cannot be reached or reports not ready."""
 
 
+class CircuitOpen(BackendUnavailable):
+    """The circuit breaker (ranker.breaker) refused the call without sending it."""
+
+
 class BackendTimeout(BackendError):
     """The dependency did not answer in time."""
 

@@ -187,7 +187,7 @@ class TritonModels:
         in the metrics (default: `model`), so that per-release model names do not grow the label set."""
         backend = f"triton:{model}"
         breaker = self.breakers.get(model) or self.breakers.setdefault(model, self._new_breaker(backend))
-        breaker.before_call()  # fails fast while Triton is known to be down
+        probe = breaker.before_call()  # fails fast while Triton is known to be down
         try:
             with triton_call(label or model):  # latency and errors by model, for Prometheus (ranker.observability)
                 result = await _guarded(
@@ -205,7 +205,7 @@ class TritonModels:
                     backend,
                 )
         except BaseException as e:
-            breaker.failed(e)
+            breaker.failed(e, probe=probe, timeout=timeout)
             raise
         breaker.succeeded()
         array = result.as_numpy(output)
