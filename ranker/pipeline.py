@@ -18,7 +18,7 @@ import numpy as np
 
 from ranker import blending, diversity, features, rules, tracing
 from ranker.domain import DiversitySpec, Personalization, RankQuery, RankResult, Rule, ScoreComponent, ScoredItem
-from ranker.errors import BackendError, InvalidArgument
+from ranker.errors import BackendError, BackendFailed, BackendTimeout, CircuitOpen, InvalidArgument
 from ranker.models import Encoder, QueryTokenizer, Scorer
 from ranker.personal import Personalizer, personal_scores, popular_candidates, profile_candidates
 from ranker.profiles import ItemSpace, Profile
@@ -233,7 +233,7 @@ class Ranker:
             embedding = await self.encoder.encode(ids, mask, timeout=timeout)
         except BackendError as e:
             log.warning("encoder unavailable, answering from BM25: %s", e)
-            degraded.append(f"text_encoder unavailable ({type(e).__name__}): lexical retrieval only")
+            degraded.append(f"text_encoder {_failure(e)} ({type(e).__name__}): lexical retrieval only")
             return None
         return np.asarray(embedding[0], dtype=np.float32)
 
@@ -285,7 +285,7 @@ class Ranker:
             scores = await self.scorer.score(rows, timeout=timeout)
         except BackendError as e:
             log.warning("ranker unavailable, ordering by retrieval fusion: %s", e)
-            degraded.append(f"ranker unavailable ({type(e).__name__}): retrieval order")
+            degraded.append(f"ranker {_failure(e)} ({type(e).__name__}): retrieval order")
             return None
         return np.asarray(scores, dtype=np.float64).reshape(-1)
 
@@ -374,6 +374,17 @@ class Ranker:
 
 RESERVE_FRACTION = 0.2  # of the request's budget, kept for the CPU stages after a model call
 MIN_CALL_S = 0.001
+
+
+def _failure(error: BackendError) -> str:
+    """How a model call failed, in the words ranker.observability.degraded_reason_codes reads."""
+    if isinstance(error, CircuitOpen):
+        return "circuit open"
+    if isinstance(error, BackendTimeout):
+        return "timeout"
+    if isinstance(error, BackendFailed):
+        return "failed"
+    return "unavailable"
 
 
 def _left(deadline: float | None, budget: float | None) -> float | None:

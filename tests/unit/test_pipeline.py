@@ -8,7 +8,8 @@ import itertools
 import pytest
 
 from ranker.domain import DiversityMethod, DiversitySpec, RankQuery
-from ranker.errors import InvalidArgument
+from ranker.errors import BackendFailed, BackendTimeout, BackendUnavailable, CircuitOpen, InvalidArgument
+from ranker.observability import degraded_reason_codes
 from ranker.pipeline import PipelineSettings, Ranker, check_candidate_ids
 from tests.unit.fakes import SEARCH_STAGES, FakeEncoder, FakeScorer, FakeTokenizer, tiny_release
 
@@ -76,6 +77,26 @@ def test_filters_restrict_category_and_price() -> None:
 def test_unknown_price_never_passes_a_price_filter() -> None:
     result = rank(make_ranker(), query="paint", min_price=0.0, top_k=10)
     assert "p2" not in {item.item_id for item in result.items}
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (BackendUnavailable("triton:ranker", "connection refused"), "ranker_unavailable"),
+        (BackendTimeout("triton:ranker", "deadline"), "ranker_timeout"),
+        (BackendFailed("triton:ranker", "bad input"), "ranker_failed"),
+        (CircuitOpen("triton:ranker", "circuit open after repeated failures"), "ranker_circuit_open"),
+    ],
+)
+def test_the_degraded_reason_tells_how_the_model_call_failed(error: Exception, code: str) -> None:
+    ranker = make_ranker()
+
+    async def fail(features: object, *, timeout: float | None) -> object:
+        raise error
+
+    ranker.scorer.score = fail  # type: ignore[method-assign]
+    result = rank(ranker)
+    assert result.degraded and degraded_reason_codes(result.degraded_reason) == [code]
 
 
 def test_encoder_down_answers_lexically_and_says_so() -> None:
