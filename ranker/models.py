@@ -55,14 +55,26 @@ class CachedEncoder:
     misses of one query share a single encoder call (a burst of a popular query after a release swap
     costs one inference); each caller still waits no longer than its own timeout. Failures are not
     cached. `on_lookup(hit)` is told of every lookup (the hit-rate metric).
+
+    The shared call runs with the cache's own `fetch_timeout`, not the first caller's: a caller with
+    almost no time left must not fail every other caller of the same query. Batches of several texts
+    (the catalog's titles) go straight to the encoder: the cache is for queries.
     """
 
-    def __init__(self, inner: Encoder, max_entries: int, on_lookup: Callable[[bool], object] | None = None) -> None:
+    def __init__(
+        self,
+        inner: Encoder,
+        max_entries: int,
+        on_lookup: Callable[[bool], object] | None = None,
+        *,
+        fetch_timeout: float | None = None,
+    ) -> None:
         if max_entries < 1:
             raise ValueError(f"max_entries must be >= 1, got {max_entries}")
         self._inner = inner
         self._max_entries = max_entries
         self._on_lookup = on_lookup
+        self._fetch_timeout = fetch_timeout
         self._cache: OrderedDict[_CacheKey, np.ndarray] = OrderedDict()
         self._pending: dict[_CacheKey, asyncio.Future[np.ndarray]] = {}
 
@@ -70,6 +82,8 @@ class CachedEncoder:
         return len(self._cache)
 
     async def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray, *, timeout: float | None) -> np.ndarray:
+        if input_ids.shape[0] != 1:
+            return await self._inner.encode(input_ids, attention_mask, timeout=timeout)
         key = (input_ids.shape, input_ids.tobytes(), attention_mask.tobytes())
         cached = self._cache.get(key)
         if self._on_lookup is not None:
@@ -81,7 +95,7 @@ class CachedEncoder:
         if call is None:
             # The call belongs to the cache, not to this caller: a caller that gives up leaves it running for
             # the others, and its answer still fills the cache.
-            call = asyncio.ensure_future(self._fetch(key, input_ids, attention_mask, timeout))
+            call = asyncio.ensure_future(self._fetch(key, input_ids, attention_mask, self._fetch_timeout))
             self._pending[key] = call
             call.add_done_callback(lambda done: self._settle(key, done))
         try:

@@ -161,7 +161,12 @@ def build_ranker(
         scorer = TritonScorer(models, model=names.get(rnk.name, rnk.name), label=rnk.name, version=rnk.version)
     encoder: Encoder = TritonEncoder(models, model=names.get(enc.name, enc.name), label=enc.name, version=enc.version)
     if settings.query_cache_size:
-        encoder = CachedEncoder(encoder, settings.query_cache_size, on_lookup=observability.observe_query_cache)
+        encoder = CachedEncoder(
+            encoder,
+            settings.query_cache_size,
+            on_lookup=observability.observe_query_cache,
+            fetch_timeout=settings.triton_timeout_s,
+        )
     return Ranker(
         release,
         encoder=encoder,

@@ -107,9 +107,11 @@ class GatedEncoder:
         self.gate = asyncio.Event()
         self.calls = 0
         self.fail = False
+        self.timeouts: list[float | None] = []
 
     async def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray, *, timeout: float | None) -> np.ndarray:
         self.calls += 1
+        self.timeouts.append(timeout)
         await self.gate.wait()
         if self.fail:
             raise BackendUnavailable("triton:text_encoder", "connection refused")
@@ -164,5 +166,34 @@ def test_each_waiter_keeps_its_own_timeout() -> None:
             await cache.encode(IDS, MASK, timeout=0.05)
         inner.gate.set()
         assert float((await patient)[0, 0]) == 7.0 and inner.calls == 1
+
+    asyncio.run(scenario())
+
+
+def test_the_shared_call_has_the_caches_timeout_not_the_first_callers() -> None:
+    async def scenario() -> None:
+        inner = GatedEncoder()
+        cache = CachedEncoder(inner, 10, fetch_timeout=2.0)
+        hurried = asyncio.ensure_future(cache.encode(IDS, MASK, timeout=0.005))
+        patient = asyncio.ensure_future(cache.encode(IDS, MASK, timeout=5))
+        with pytest.raises(BackendTimeout):
+            await hurried
+        inner.gate.set()
+        assert float((await patient)[0, 0]) == 7.0
+        assert inner.timeouts == [2.0]
+
+    asyncio.run(scenario())
+
+
+def test_batches_of_several_texts_bypass_the_cache() -> None:
+    async def scenario() -> None:
+        inner = GatedEncoder()
+        inner.gate.set()
+        lookups: list[bool] = []
+        cache = CachedEncoder(inner, 10, on_lookup=lookups.append)
+        titles = np.array([[7, 1, 0], [8, 2, 3]], dtype=np.int64)
+        for _ in range(2):
+            await cache.encode(titles, (titles > 0).astype(np.int64), timeout=5)
+        assert inner.calls == 2 and len(cache) == 0 and lookups == []
 
     asyncio.run(scenario())
