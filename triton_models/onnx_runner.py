@@ -140,6 +140,8 @@ def run_batched(
     for i, request in enumerate(requests):
         try:
             batch_size(request, settings.input_names)
+            if settings.pad_axis1:
+                _same_axis1(request, settings.input_names)
             valid.append(i)
         except RequestError as e:
             results[i] = e
@@ -152,6 +154,14 @@ def run_batched(
             for i in group:
                 results[i] = _run_one(run, requests[i], settings)
     return results
+
+
+def _same_axis1(inputs: Mapping[str, np.ndarray], names: Sequence[str]) -> None:
+    """With pad_axis1, a request's inputs must agree on axis 1 (ids and their mask): padding one of them
+    to a batch neighbour's length would otherwise hide the mismatch that running it alone reports."""
+    lengths = {n: int(inputs[n].shape[1]) for n in names if inputs[n].ndim > 1}
+    if len(set(lengths.values())) > 1:
+        raise RequestError(f"inputs must share axis 1, got lengths {lengths}")
 
 
 def _same_length(

@@ -146,10 +146,13 @@ def test_one_bad_request_does_not_fail_the_others() -> None:
     settings = runner.parse_settings(ENCODER_CONFIG)
     bad = {"input_ids": np.ones((2, 3), np.int64), "attention_mask": np.ones((1, 3), np.int64)}
     missing = {"input_ids": np.ones((1, 3), np.int64)}
-    requests = [tokens(1, 3, 1), bad, missing, tokens(2, 4, 7)]
+    # a mask shorter than its ids, which padding to a neighbour's length would otherwise hide
+    narrow = {"input_ids": np.ones((1, 3), np.int64), "attention_mask": np.ones((1, 2), np.int64)}
+    requests = [tokens(1, 3, 1), bad, missing, tokens(2, 4, 7), narrow]
     results = runner.run_batched(_sum_model, requests, settings)
     assert isinstance(results[1], runner.RequestError)
     assert isinstance(results[2], runner.RequestError)
+    assert isinstance(results[4], runner.RequestError) and "axis 1" in str(results[4])
     np.testing.assert_array_equal(results[0]["embedding"], _sum_model(requests[0])["embedding"])
     np.testing.assert_array_equal(results[3]["embedding"], _sum_model(requests[3])["embedding"])
 
