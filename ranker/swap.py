@@ -478,7 +478,11 @@ class ReleaseSwitch:
             raise
 
     async def _load_release(self, path: Path) -> Release:
-        if not path.is_dir():
+        try:
+            is_dir = path.is_dir()
+        except OSError as e:  # a name too long, a folder the ranker may not read
+            raise NotFound(f"no release at {path}: {e.strerror or type(e).__name__}") from e
+        if not is_dir:
             raise NotFound(f"no release at {path}: not a folder the ranker can read")
         try:
             return await asyncio.to_thread(self._parts.load, path)
@@ -490,7 +494,10 @@ class ReleaseSwitch:
     async def _push(self, release: Release) -> None:
         """Load the release's models this ranker runs on Triton (all at once) and wait until they are ready."""
         models = self._triton_models(release.manifest)
-        bundles = await asyncio.to_thread(read_bundles, release, self._settings.config_variant, models)
+        try:
+            bundles = await asyncio.to_thread(read_bundles, release, self._settings.config_variant, models)
+        except OSError as e:
+            raise NotFound(f"release {release.path}: its model files cannot be read: {e}") from e
         timeout = self._settings.load_timeout_s
         results = await asyncio.gather(
             *(self._models.load_model(b.name, config=b.config, files=b.files, timeout=timeout) for b in bundles),

@@ -495,6 +495,7 @@ def damaged_journal(world: World) -> Path:
 
 FAILURES: dict[str, tuple[Callable[[World], Path], type[RankerError], str]] = {
     "no such folder": (lambda w: w.a.parent / "missing", NotFound, "no release at"),
+    "a name the OS refuses": (lambda w: w.a.parent / ("x" * 300), NotFound, "no release at"),
     "no release in the folder": (lambda w: folder(w, "empty"), NotFound, "manifest"),
     "damaged release": (lambda w: folder(w, "damaged"), NotFound, "parquet"),
     "triton cannot load a model": (lambda w: failing_load(w, "ranker"), BackendFailed, "load failed"),
