@@ -282,6 +282,7 @@ class CatalogSnapshot:
             deleted += 1
         row_of = dict(catalog.row_of) if upserts else catalog.row_of
         inserted = updated = 0
+        moves: dict[int, int] = {}  # old row -> new row of items given again
         for i, (item, _) in enumerate(upserts):
             old = row_of.get(item.item_id)
             if old is not None and not dead[old]:
@@ -289,6 +290,8 @@ class CatalogSnapshot:
                 updated += 1
             else:
                 inserted += 1
+            if old is not None:
+                moves[old] = n + i
             row_of[item.item_id] = n + i
         items = [item for item, _ in upserts]
         tokens = (analyzer or self.base.analyzer).analyze_many(item.title for item in items)
@@ -297,7 +300,11 @@ class CatalogSnapshot:
         store, embeddings = self._embeddings(upserts, n)
         lexical = self.lexical.appended(n, tokens, dead)
         retriever = HybridRetriever(OverlayDense(self.base.retriever.dense, embeddings, dead), lexical)
-        release = replace(self.release, catalog=merged, retriever=retriever)
+        neighbours = self.release.neighbours
+        if neighbours is not None and moves:
+            # The artifact is keyed by item id: an updated item keeps its interactions and neighbours.
+            neighbours = neighbours.moved(moves, len(merged))
+        release = replace(self.release, catalog=merged, retriever=retriever, neighbours=neighbours)
         applied = Applied(inserted=inserted, updated=updated, deleted=deleted, not_found=tuple(not_found))
         return replace(self, release=release, lexical=lexical, store=store), applied
 

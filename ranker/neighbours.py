@@ -115,6 +115,26 @@ class ItemNeighbours:
         new_counts[row[row >= 0]] = counts[row >= 0]
         return cls(indptr=new_indptr, indices=b, weights=w.astype(np.float32), counts=new_counts)
 
+    def moved(self, moves: Mapping[int, int], num_rows: int) -> ItemNeighbours:
+        """The same neighbours over `num_rows` rows, with each row `old` of `moves` now at row `new`: an item
+        updated online gets a new row, and its interactions and neighbours go with it."""
+        remap = np.arange(max(num_rows, self.num_items), dtype=np.int64)
+        for old, new in moves.items():
+            if old < self.num_items:
+                remap[old] = new
+        owner = np.repeat(np.arange(self.num_items, dtype=np.int64), np.diff(self.indptr))
+        a, b = remap[owner], remap[self.indices]
+        order = np.argsort(a, kind="stable")  # within a row, the stored order (best first) is kept
+        indptr = np.zeros(num_rows + 1, dtype=np.int64)
+        np.cumsum(np.bincount(a, minlength=num_rows), out=indptr[1:])
+        counts = np.zeros(num_rows, dtype=np.float64)
+        known = min(len(self.counts), num_rows)
+        counts[:known] = self.counts[:known]
+        for old, new in moves.items():
+            if old < len(self.counts):
+                counts[new], counts[old] = self.counts[old], 0.0
+        return ItemNeighbours(indptr=indptr, indices=b[order], weights=self.weights[order], counts=counts)
+
     def spread(self, rows: np.ndarray, weights: np.ndarray, size: int) -> np.ndarray:
         """sum_j weights[j] * P(. | rows[j]) as a dense vector over `size` rows (rows past the artifact get 0)."""
         total = np.zeros(size, dtype=np.float64)

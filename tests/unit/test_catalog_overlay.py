@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import date
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 from ranker.catalog_overlay import CatalogSnapshot, RowStore
 from ranker.domain import CatalogItem
 from ranker.features import FEATURE_NAMES
+from ranker.neighbours import ItemNeighbours
 from ranker.release import Catalog, Manifest, Release
 from ranker.retrieval import Analyzer, DenseIndex, HybridRetriever, LexicalIndex
 from tests.unit.fakes import embed, tiny_release
@@ -153,6 +155,31 @@ def test_deleted_and_replaced_rows_are_masked_and_ids_stay_known() -> None:
     assert catalog.live_row("p1") == 8 and not mask[release.catalog.row_of["p1"]]
     _, applied = snapshot.apply([], ["d1", "p1"])
     assert applied.deleted == 1 and applied.not_found == ("d1",)
+
+
+def test_an_item_given_again_keeps_its_interactions_and_neighbours() -> None:
+    release = tiny_release()
+    n = len(release.catalog)
+    # row 0 (d1) is the most interacted-with item; rows 5 and 6 (p1, p2) are bought together
+    release = replace(release, neighbours=ItemNeighbours.build([[0, 1], [0, 2], [0, 3], [5, 6], [5, 6]], n))
+    before = release.neighbours
+    assert before is not None
+    snapshot, _ = CatalogSnapshot.of(release).apply(
+        [
+            (item("d1", "DEWALT 20V cordless drill", price=119.0), embed("drill")),
+            (item("p2", "Behr primer"), embed("paint")),
+        ]
+    )
+    d1, p2 = snapshot.catalog.live_row("d1"), snapshot.catalog.live_row("p2")
+    assert (d1, p2) == (n, n + 1)
+    after = snapshot.release.neighbours
+    assert after is not None and after.num_items == n + 2
+    assert after.popularity(np.array([d1, 0]))[0] == before.popularity(np.array([0]))[0] > 0
+    assert after.popularity(np.array([0]))[0] == 0.0  # the dead row keeps nothing
+    # p1's neighbour p2 now points at p2's new row, and d1's neighbours come from its new row
+    assert after.spread(np.array([5]), np.ones(1), n + 2)[p2] == before.spread(np.array([5]), np.ones(1), n)[6] > 0
+    moved = after.spread(np.array([d1]), np.ones(1), n + 2)
+    np.testing.assert_array_equal(moved[:n], before.spread(np.array([0]), np.ones(1), n))
 
 
 def test_attributes_follow_the_release_conventions() -> None:
