@@ -112,6 +112,12 @@ class Settings(BaseSettings):
         default=0.1, gt=0, le=10, description="a profile read slower than this answers Rank without personalisation"
     )
     event_dedup_ttl_s: float = Field(default=7 * 86400.0, ge=60, description="how long an event_id is remembered")
+    event_dedup_max_ids: int = Field(
+        default=10_000,
+        ge=1,
+        le=1_000_000,
+        description="Redis store: event ids remembered per user (beyond this the oldest are forgotten early)",
+    )
     max_events_per_request: int = Field(default=1000, ge=1, le=100_000)
     event_max_future_s: float = Field(default=300.0, ge=0, description="clock skew tolerated for event timestamps")
 
@@ -158,6 +164,12 @@ class Settings(BaseSettings):
     def _limits_consistent(self) -> Settings:
         if self.default_top_k > self.max_top_k:
             raise ValueError(f"default_top_k ({self.default_top_k}) must be at most max_top_k ({self.max_top_k})")
+        if self.max_events_per_request > self.event_dedup_max_ids:
+            # one request's own event ids must all stay remembered, or its retry would count some twice
+            raise ValueError(
+                f"max_events_per_request ({self.max_events_per_request}) must be at most "
+                f"event_dedup_max_ids ({self.event_dedup_max_ids})"
+            )
         return self
 
 

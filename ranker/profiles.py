@@ -544,7 +544,13 @@ class RedisProfileStore:
 
 
 def open_store(
-    location: str, *, state_dir: Path, ttl_s: float, dedup_ttl_s: float, timeout_s: float
+    location: str,
+    *,
+    state_dir: Path,
+    ttl_s: float,
+    dedup_ttl_s: float,
+    timeout_s: float,
+    max_event_ids: int = 10_000,
 ) -> EmbeddedProfileStore | RedisProfileStore:
     """The store a RANKER_PROFILE_STORE value names: "embedded" (a file in state_dir) or a redis:// URL."""
     if location == "embedded":
@@ -552,5 +558,7 @@ def open_store(
             state_dir.expanduser() / "profiles" / "profiles.sqlite3", ttl_s=ttl_s, dedup_ttl_s=dedup_ttl_s
         )
     if location.startswith(("redis://", "rediss://", "unix://")):
-        return RedisProfileStore.from_url(location, timeout_s=timeout_s, ttl_s=ttl_s, dedup_ttl_s=dedup_ttl_s)
+        return RedisProfileStore.from_url(
+            location, timeout_s=timeout_s, ttl_s=ttl_s, dedup_ttl_s=dedup_ttl_s, max_event_ids=max_event_ids
+        )
     raise ValueError(f"profile store must be 'embedded' or a redis:// URL, got {location!r}")

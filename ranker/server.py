@@ -190,6 +190,7 @@ async def open_personalizer(settings: Settings) -> Personalizer | None:
             ttl_s=settings.profile_ttl_s,
             dedup_ttl_s=settings.event_dedup_ttl_s,
             timeout_s=max(settings.profile_timeout_s, 1.0),
+            max_event_ids=settings.event_dedup_max_ids,
         )
     except (BackendError, OSError) as e:
         if {"state_dir", "profile_store"} & settings.model_fields_set:

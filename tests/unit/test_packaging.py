@@ -60,3 +60,7 @@ def test_invalid_setting_fails_at_load(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RANKER_MAX_TOP_K", "100")
     with pytest.raises(ValueError, match=r"default_top_k \(150\) must be at most max_top_k \(100\)"):
         load_settings()
+    monkeypatch.setenv("RANKER_MAX_TOP_K", "200")
+    monkeypatch.setenv("RANKER_MAX_EVENTS_PER_REQUEST", "20000")
+    with pytest.raises(ValueError, match=r"max_events_per_request \(20000\) must be at most event_dedup_max_ids"):
+        load_settings()
