@@ -75,7 +75,8 @@ class Profile:
     categories: Mapping[str, float] = field(default_factory=dict)
     brands: Mapping[str, float] = field(default_factory=dict)
     recent: tuple[RecentItem, ...] = ()  # newest first
-    purchased: tuple[str, ...] = ()  # newest first
+    purchased: tuple[str, ...] = ()  # newest first (by the purchase's own timestamp)
+    purchased_at: tuple[float, ...] = ()  # each purchase's latest timestamp, parallel to `purchased`
     events: int = 0  # events applied (searches included)
 
     @property
@@ -93,6 +94,7 @@ class Profile:
                 "brands": dict(self.brands),
                 "recent": [[r.item_id, r.timestamp, r.weight] for r in self.recent],
                 "purchased": list(self.purchased),
+                "purchased_at": list(self.purchased_at),
                 "events": self.events,
             },
             separators=(",", ":"),
@@ -115,6 +117,10 @@ class Profile:
             brands={str(k): float(v) for k, v in header["brands"].items()},
             recent=tuple(RecentItem(item_id=i, timestamp=float(t), weight=float(w)) for i, t, w in header["recent"]),
             purchased=tuple(header["purchased"]),
+            # Profiles stored before purchase times were kept: their order stands (ties keep it).
+            purchased_at=tuple(
+                float(t) for t in header.get("purchased_at", [header["updated_at"]] * len(header["purchased"]))
+            ),
             events=int(header["events"]),
         )
 
@@ -183,7 +189,10 @@ def apply_events(profile: Profile | None, events: Sequence[Event], items: ItemSp
     categories = dict(profile.categories)
     brands = dict(profile.brands)
     recent = {r.item_id: r for r in profile.recent}
-    purchased = list(profile.purchased)
+    at = (
+        profile.purchased_at if len(profile.purchased_at) == len(profile.purchased) else (ref,) * len(profile.purchased)
+    )
+    purchased = list(zip(profile.purchased, at, strict=True))  # (item id, latest purchase time), newest first
     applied = 0
     # Sorted so that equal inputs give bit-identical profiles whatever the order they came in.
     for event in sorted(events, key=lambda e: (e.timestamp, e.event_id)):
@@ -215,8 +224,14 @@ def apply_events(profile: Profile | None, events: Sequence[Event], items: ItemSp
                 weight=max(type_weight, seen.weight if seen else 0.0),
             )
         if event.type is EventType.PURCHASE:
-            purchased = [event.item_id, *(p for p in purchased if p != event.item_id)]
+            before = max((t for i, t in purchased if i == event.item_id), default=event.timestamp)
+            purchased = [
+                (event.item_id, max(before, event.timestamp)),
+                *(p for p in purchased if p[0] != event.item_id),
+            ]
     newest = sorted(recent.values(), key=lambda r: (-r.timestamp, r.item_id))[: config.max_recent]
+    # A purchase that arrives late takes its place by time, so it cannot push a newer one out of the cap.
+    kept = sorted(purchased, key=lambda p: -p[1])[: config.max_purchased]
     return Profile(
         space=items.space_id,
         updated_at=ref,
@@ -225,7 +240,8 @@ def apply_events(profile: Profile | None, events: Sequence[Event], items: ItemSp
         categories=_heaviest(categories, config.max_affinities),
         brands=_heaviest(brands, config.max_affinities),
         recent=tuple(newest),
-        purchased=tuple(purchased[: config.max_purchased]),
+        purchased=tuple(i for i, _ in kept),
+        purchased_at=tuple(t for _, t in kept),
         events=profile.events + applied,
     )
 

@@ -95,6 +95,17 @@ def test_recent_and_purchases_are_bounded_and_unique() -> None:
     assert profile.events == 6
 
 
+def test_a_late_purchase_takes_its_place_by_time() -> None:
+    config = dataclasses.replace(CONFIG, max_purchased=2)
+    newest, newer, oldest = event("d1", t=T0 + 200), event("d2", t=T0 + 100), event("p1", t=T0)
+    at_once = apply_events(None, [oldest, newer, newest], ITEMS, config)
+    late = apply_events(apply_events(None, [newer, newest], ITEMS, config), [oldest], ITEMS, config)
+    assert at_once.purchased == late.purchased == ("d1", "d2")  # the late, older one does not push d2 out
+    assert late.purchased_at == (T0 + 200, T0 + 100)
+    stored = Profile.from_bytes(late.to_bytes())
+    assert stored.purchased_at == late.purchased_at
+
+
 def test_searches_and_deleted_items_count_but_do_not_personalise() -> None:
     search = Event(event_id="s", user_id="u", item_id="", type=EventType.SEARCH, timestamp=T0, query="drill")
     profile = apply_events(None, [search], ITEMS, CONFIG)
