@@ -379,7 +379,7 @@ MIN_CALL_S = 0.001
 def _failure(error: BackendError) -> str:
     """How a model call failed, in the words ranker.observability.degraded_reason_codes reads."""
     if isinstance(error, CircuitOpen):
-        return "circuit open"
+        return "unavailable, circuit open"
     if isinstance(error, BackendTimeout):
         return "timeout"
     if isinstance(error, BackendFailed):

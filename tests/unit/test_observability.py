@@ -50,7 +50,7 @@ def value(metrics: Metrics, name: str, **labels: str) -> float:
         ("text_encoder timeout (BackendTimeout): lexical retrieval only", ["text_encoder_timeout"]),
         ("text_encoder unavailable (BackendUnavailable): lexical retrieval only", ["text_encoder_unavailable"]),
         ("ranker failed (BackendFailed): retrieval order", ["ranker_failed"]),
-        ("ranker circuit open (CircuitOpen): retrieval order", ["ranker_circuit_open"]),
+        ("ranker unavailable, circuit open (CircuitOpen): retrieval order", ["ranker_circuit_open"]),
         (
             "text_encoder unavailable (BackendUnavailable): lexical retrieval only; ranker unavailable (X): retrieval",
             ["text_encoder_unavailable", "ranker_unavailable"],
