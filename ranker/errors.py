@@ -78,6 +78,7 @@ STATUS_CODES: dict[type[RankerError], grpc.StatusCode] = {
     Busy: grpc.StatusCode.ABORTED,
     BackendError: grpc.StatusCode.UNAVAILABLE,
     BackendUnavailable: grpc.StatusCode.UNAVAILABLE,
+    CircuitOpen: grpc.StatusCode.UNAVAILABLE,
     BackendTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
     BackendFailed: grpc.StatusCode.UNAVAILABLE,
 }
