@@ -79,7 +79,7 @@ class CircuitBreaker:
         fails while it is half-open does not end the probe's turn."""
         if probe:
             self._probing = False
-        if not isinstance(error, BackendUnavailable | BackendTimeout) or isinstance(error, CircuitOpen):
+        if not isinstance(error, BackendUnavailable | BackendTimeout):
             return
         if isinstance(error, BackendTimeout) and timeout is not None and timeout < MIN_COUNTED_TIMEOUT_S:
             return
