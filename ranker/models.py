@@ -95,7 +95,7 @@ class CachedEncoder:
         if call is None:
             # The call belongs to the cache, not to this caller: a caller that gives up leaves it running for
             # the others, and its answer still fills the cache.
-            call = asyncio.ensure_future(self._fetch(key, input_ids, attention_mask, self._fetch_timeout))
+            call = asyncio.ensure_future(self._fetch(key, input_ids, attention_mask))
             self._pending[key] = call
             call.add_done_callback(lambda done: self._settle(key, done))
         try:
@@ -103,10 +103,9 @@ class CachedEncoder:
         except TimeoutError as e:
             raise BackendTimeout("text_encoder", f"no embedding within {timeout:.3f}s") from e
 
-    async def _fetch(
-        self, key: _CacheKey, input_ids: np.ndarray, attention_mask: np.ndarray, timeout: float | None
-    ) -> np.ndarray:
-        embedding = np.array(await self._inner.encode(input_ids, attention_mask, timeout=timeout), dtype=np.float32)
+    async def _fetch(self, key: _CacheKey, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        embedding = await self._inner.encode(input_ids, attention_mask, timeout=self._fetch_timeout)
+        embedding = np.array(embedding, dtype=np.float32)
         embedding.setflags(write=False)  # shared by every request for this query
         self._cache[key] = embedding
         if len(self._cache) > self._max_entries:
