@@ -117,10 +117,7 @@ class Profile:
             brands={str(k): float(v) for k, v in header["brands"].items()},
             recent=tuple(RecentItem(item_id=i, timestamp=float(t), weight=float(w)) for i, t, w in header["recent"]),
             purchased=tuple(header["purchased"]),
-            # Profiles stored before purchase times were kept: their order stands (ties keep it).
-            purchased_at=tuple(
-                float(t) for t in header.get("purchased_at", [header["updated_at"]] * len(header["purchased"]))
-            ),
+            purchased_at=tuple(float(t) for t in header.get("purchased_at", ())),
             events=int(header["events"]),
         )
 
@@ -189,6 +186,7 @@ def apply_events(profile: Profile | None, events: Sequence[Event], items: ItemSp
     categories = dict(profile.categories)
     brands = dict(profile.brands)
     recent = {r.item_id: r for r in profile.recent}
+    # A profile stored before purchase times were kept has none: its order stands (equal times keep it).
     at = (
         profile.purchased_at if len(profile.purchased_at) == len(profile.purchased) else (ref,) * len(profile.purchased)
     )
