@@ -211,6 +211,9 @@ class OverlayDense:
     def similarities(self, query: np.ndarray, rows: np.ndarray) -> np.ndarray:
         return np.asarray(self._embeddings[rows] @ np.asarray(query, dtype=np.float32), dtype=np.float32)
 
+    def close(self) -> None:
+        """Nothing: the base index belongs to its Release, which closes it."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class Applied:

@@ -284,26 +284,34 @@ class Release:
         items = pl.read_parquet(path / ITEMS)
         catalog = Catalog.from_frame(items, analyzer, text=TitleIndex.load(path / TITLE_INDEX))
         dense = load_dense(path, manifest, dense_backend, vector_engine_url, ef_search=ef_search)
-        lexical = LexicalIndex.load(path / LEXICAL_DIR)
-        if not (len(catalog) == dense.num_items == lexical.num_items == manifest.items):
-            raise NotFound(
-                f"release {manifest.release_id} is inconsistent: items {len(catalog)}, "
-                f"dense {dense.num_items}, lexical {lexical.num_items}, manifest {manifest.items}"
+        try:
+            lexical = LexicalIndex.load(path / LEXICAL_DIR)
+            if not (len(catalog) == dense.num_items == lexical.num_items == manifest.items):
+                raise NotFound(
+                    f"release {manifest.release_id} is inconsistent: items {len(catalog)}, "
+                    f"dense {dense.num_items}, lexical {lexical.num_items}, manifest {manifest.items}"
+                )
+            policy_file = policy_override or path / POLICY_FILE
+            return cls(
+                path=path,
+                manifest=manifest,
+                catalog=catalog,
+                retriever=HybridRetriever(dense, lexical),
+                analyzer=analyzer,
+                policy=load_policy(policy_file) if policy_file.is_file() else DEFAULT,
+                neighbours=(
+                    ItemNeighbours.load(path / NEIGHBOURS_FILE, catalog.row_of, len(catalog))
+                    if (path / NEIGHBOURS_FILE).is_file()
+                    else None
+                ),
             )
-        policy_file = policy_override or path / POLICY_FILE
-        return cls(
-            path=path,
-            manifest=manifest,
-            catalog=catalog,
-            retriever=HybridRetriever(dense, lexical),
-            analyzer=analyzer,
-            policy=load_policy(policy_file) if policy_file.is_file() else DEFAULT,
-            neighbours=(
-                ItemNeighbours.load(path / NEIGHBOURS_FILE, catalog.row_of, len(catalog))
-                if (path / NEIGHBOURS_FILE).is_file()
-                else None
-            ),
-        )
+        except BaseException:
+            dense.close()  # a vector engine client, or a local engine folder's lock
+            raise
+
+    def close(self) -> None:
+        """Let go of what the release holds outside this process's memory: its vector engine client."""
+        self.retriever.dense.close()
 
 
 def load_dense(
@@ -317,12 +325,7 @@ def load_dense(
             raise ValueError("dense_backend 'qdrant' needs vector_engine_url (RANKER_VECTOR_ENGINE_URL)")
         from ranker import vector_engine  # imported only when chosen: qdrant-client is an optional extra
 
-        client = vector_engine.connect(vector_engine_url)
         embeddings = np.load(path / EMBEDDINGS, mmap_mode="r")
         collection = vector_engine.collection_name(manifest.release_id)
-        try:
-            return vector_engine.QdrantDenseIndex.open(client, collection, embeddings, ef_search=ef_search)
-        except BaseException:
-            client.close()  # a local folder stays locked while its client is open
-            raise
+        return vector_engine.open_shared(vector_engine_url, collection, embeddings, ef_search=ef_search)
     raise ValueError(f"dense_backend must be 'faiss' or 'qdrant', got {backend!r}")

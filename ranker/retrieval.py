@@ -123,6 +123,10 @@ class DenseRetriever(Protocol):
         """Exact cosine between the query and the given rows."""
         ...
 
+    def close(self) -> None:
+        """Let go of outside resources (a vector engine client); the index is not searched afterwards."""
+        ...
+
 
 # HNSW search breadth (at least k is used): on Home Depot's 55k titles, 256 with 200 candidates per
 # retriever loses nothing measurable in NDCG@10 against 512 with 400 (docs/performance.md).
@@ -223,6 +227,9 @@ class DenseIndex:
     def similarities(self, query: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Exact cosine between the query and the given items."""
         return np.asarray(self.embeddings[rows] @ query.astype(np.float32), dtype=np.float32)
+
+    def close(self) -> None:
+        """Nothing to let go of: the index lives in this process's memory."""
 
 
 def top_rows(scores: np.ndarray, k: int, allowed: np.ndarray | None = None) -> np.ndarray:

@@ -428,18 +428,27 @@ class ReleaseSwitch:
             release_id = release.manifest.release_id
             if release_id == old.release_id:
                 log.info("release %s from %s is already serving; nothing to swap", release_id, path)
+                _close(release, old)
                 return Swapped(previous=old.stamp(), current=old.stamp(), millis=_ms(started), steps_ms=step.ms)
             log.info("release swap %s -> %s (%s) started", old.release_id, release_id, path)
-            new = await self._prepare(release, old, step)
+            try:
+                new = await self._prepare(release, old, step)
+            except BaseException:
+                _close(release, old)
+                raise
             observability.METRICS.set_release(release_id, new.catalog.current().model_versions)
             log.info("release %s is serving (was %s) after %.0f ms", release_id, old.release_id, _ms(started))
             self._kept = [s for s in self._kept if s.release_id != release_id] + [old]
             keep = self._settings.keep_previous
             retired, self._kept = self._kept[: len(self._kept) - keep], self._kept[len(self._kept) - keep :]
+            drained = []
             for serving in retired:
-                if not await serving.drained(self._settings.drain_s):
+                if await serving.drained(self._settings.drain_s):
+                    drained.append(serving)
+                else:
                     log.warning(
-                        "%d RPCs still hold release %s after %.0f s; unloading its models anyway",
+                        "%d RPCs still hold release %s after %.0f s; unloading its models anyway, keeping its "
+                        "vector engine client for them",
                         serving.holders,
                         serving.release_id,
                         self._settings.drain_s,
@@ -447,6 +456,8 @@ class ReleaseSwitch:
             step("drain")
             for serving in retired:
                 await self._unload(serving.names.values())
+            for serving in drained:
+                _close(serving.release, new)
             step("unload")
             swapped = Swapped(previous=old.stamp(), current=new.stamp(), millis=_ms(started), steps_ms=step.ms)
             log.info("release swap %s -> %s done in %.0f ms: %s", old.release_id, release_id, swapped.millis, step.ms)
@@ -570,15 +581,24 @@ class ReleaseSwitch:
             await self._unload(sorted(self._unload_later))
 
     def close(self) -> None:
-        """Close the serving release's live catalog (its journal). Its models stay in Triton: with an external
-        Triton, the next ranker on the same release finds them loaded."""
+        """Close the serving release's live catalog (its journal), and let go of the vector engine clients of it and
+        the kept releases. Its models stay in Triton: with an external Triton, the next ranker on the same release
+        finds them loaded."""
         if self._active is not None:
             self._active.catalog.close()
+            for serving in [*self._kept, self._active]:
+                serving.release.close()
 
     def _serving(self) -> Serving:
         if self._active is None:
             raise RuntimeError("no release is serving yet: ReleaseSwitch.start() first")
         return self._active
+
+
+def _close(release: Release, serving: Serving) -> None:
+    """Close a release that is no longer wanted, unless it is the very object `serving` ranks with."""
+    if release is not serving.release:
+        release.close()
 
 
 class _Steps:

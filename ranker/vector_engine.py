@@ -9,7 +9,8 @@ point ids, into the collection `ranker-<release_id>`:
 
 and the service reads it with RANKER_DENSE_BACKEND=qdrant RANKER_VECTOR_ENGINE_URL=<the same url>.
 `local:/path` (and `:memory:`, for tests) is qdrant-client's in-process engine: the same client API
-as a server, exact search in numpy, one process per folder. Filters (the request's `allowed` mask)
+as a server, exact search in numpy, one process per folder (and one client: releases open at once
+during a swap share it, see SHARED). Filters (the request's `allowed` mask)
 are sent with the query as a point-id condition, so the engine searches only allowed points.
 """
 
@@ -19,6 +20,7 @@ import argparse
 import json
 import math
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -67,6 +69,47 @@ def connect(url: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> QdrantClient:
     raise ValueError(f"vector engine url must be http(s)://host:port, local:/path or {MEMORY}, got {url!r}")
 
 
+class _SharedClients:
+    """One client per engine url in this process, counted: a local folder admits one client at a time, so the
+    serving release and the next one loading beside it during a swap must share it, and an http client is
+    closed when the last release using it is closed."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._clients: dict[str, tuple[QdrantClient, int]] = {}
+
+    def acquire(self, url: str) -> QdrantClient:
+        key = _url_key(url)
+        with self._lock:
+            client, users = self._clients.get(key) or (connect(url), 0)
+            self._clients[key] = (client, users + 1)
+            return client
+
+    def release(self, url: str) -> None:
+        key = _url_key(url)
+        with self._lock:
+            client, users = self._clients[key]
+            if users > 1:
+                self._clients[key] = (client, users - 1)
+                return
+            del self._clients[key]
+        client.close()
+
+    def users(self, url: str) -> int:
+        with self._lock:
+            return self._clients.get(_url_key(url), (None, 0))[1]
+
+
+def _url_key(url: str) -> str:
+    """`local:` urls naming the same folder share a client however the path is written."""
+    if url.startswith(LOCAL_PREFIX) and url != LOCAL_PREFIX:
+        return LOCAL_PREFIX + str(Path(url.removeprefix(LOCAL_PREFIX)).resolve())
+    return url
+
+
+SHARED = _SharedClients()
+
+
 def _call(what: str, fn: Callable[[], T]) -> T:
     """Run one client call, re-raising the client's transport and HTTP errors as ranker.errors."""
     try:
@@ -105,12 +148,15 @@ class QdrantDenseIndex:
         *,
         num_items: int,
         ef_search: int = EF_SEARCH,
+        on_close: Callable[[], None] | None = None,
     ) -> None:
         self._client = client
         self.collection = collection
         self.embeddings = embeddings
         self._num_items = num_items
         self.ef_search = ef_search
+        self._on_close = on_close or client.close
+        self._closed = False
 
     @property
     def num_items(self) -> int:
@@ -118,9 +164,16 @@ class QdrantDenseIndex:
 
     @classmethod
     def open(
-        cls, client: QdrantClient, collection: str, embeddings: np.ndarray, *, ef_search: int = EF_SEARCH
+        cls,
+        client: QdrantClient,
+        collection: str,
+        embeddings: np.ndarray,
+        *,
+        ef_search: int = EF_SEARCH,
+        on_close: Callable[[], None] | None = None,
     ) -> QdrantDenseIndex:
-        """Attach to a loaded collection; NotFound unless it holds exactly these embeddings' rows and width."""
+        """Attach to a loaded collection; NotFound unless it holds exactly these embeddings' rows and width.
+        close() calls `on_close` (default: closes the client) once."""
         exists = _call("collection_exists", lambda: client.collection_exists(collection))
         if not exists:
             raise NotFound(
@@ -134,7 +187,7 @@ class QdrantDenseIndex:
                 f"collection {collection!r} holds {count} vectors of {size} dims, the release {rows} of {dim}: "
                 "load it again with --recreate"
             )
-        return cls(client, collection, embeddings, num_items=count, ef_search=ef_search)
+        return cls(client, collection, embeddings, num_items=count, ef_search=ef_search, on_close=on_close)
 
     def search(self, query: np.ndarray, k: int, allowed: np.ndarray | None = None) -> np.ndarray:
         """Row ids of the k nearest items, best first; `allowed` (boolean row mask) is applied by the engine."""
@@ -169,7 +222,21 @@ class QdrantDenseIndex:
         return np.asarray(self.embeddings[rows] @ query.astype(np.float32), dtype=np.float32)
 
     def close(self) -> None:
-        self._client.close()
+        if not self._closed:
+            self._closed = True
+            self._on_close()
+
+
+def open_shared(url: str, collection: str, embeddings: np.ndarray, *, ef_search: int = EF_SEARCH) -> QdrantDenseIndex:
+    """QdrantDenseIndex.open on this process's shared client for `url`; its close() lets go of the client."""
+    client = SHARED.acquire(url)
+    try:
+        return QdrantDenseIndex.open(
+            client, collection, embeddings, ef_search=ef_search, on_close=partial(SHARED.release, url)
+        )
+    except BaseException:
+        SHARED.release(url)  # a local folder stays locked while its client is open
+        raise
 
 
 def _vector_size(client: QdrantClient, collection: str) -> int:

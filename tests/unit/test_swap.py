@@ -28,6 +28,7 @@ from ranker.errors import (
 from ranker.live_catalog import JOURNAL_DIR, LiveCatalog
 from ranker.pipeline import PipelineSettings, Ranker
 from ranker.release import Release
+from ranker.retrieval import DenseRetriever, HybridRetriever
 from ranker.service import RankerAdminServicer
 from ranker.swap import (
     ReleaseLeases,
@@ -153,6 +154,9 @@ class World:
         self.catalog_gate: asyncio.Event | None = None
         self.catalog_fails = False
         self.broken_scorer: str | None = None  # this release's scorer fails once built
+        self.copies = False  # each load returns a fresh copy whose close() is recorded in `closed`
+        self.loads = 0
+        self.closed: list[str] = []
         self.switch = ReleaseSwitch(
             ReleaseParts(load=self._load, build=self._build, open_catalog=self._open_catalog),
             self.triton,
@@ -173,7 +177,12 @@ class World:
             raise ValueError("items.parquet: not a parquet file")
         if path not in self.releases:
             raise NotFound(f"no release at {path}: manifest.json is missing")
-        return self.releases[path]
+        release = self.releases[path]
+        if not self.copies:
+            return release
+        self.loads += 1
+        dense = ClosingDense(release.retriever.dense, f"{release.manifest.release_id}#{self.loads}", self.closed)
+        return dataclasses.replace(release, retriever=HybridRetriever(dense, release.retriever.lexical))
 
     def _build(self, release: Release, names: Mapping[str, str]) -> Ranker:
         rid = release.manifest.release_id
@@ -196,11 +205,29 @@ class World:
         return await LiveCatalog.open(ranker, tokenizer=self.tokenizer, state_dir=self.state_dir)
 
     async def start(self) -> None:
-        await self.switch.start(self.releases[self.a])
+        await self.switch.start(self._load(self.a) if self.copies else self.releases[self.a])
 
     def names(self, path: Path) -> set[str]:
         rid = self.releases[path].manifest.release_id
         return {triton_name(m, rid) for m in MODELS}
+
+
+class ClosingDense:
+    """A release's dense retriever that records its close() under a name."""
+
+    def __init__(self, inner: DenseRetriever, name: str, closed: list[str]) -> None:
+        self.inner, self.name, self.closed = inner, name, closed
+        self.num_items = inner.num_items
+        self.embeddings = inner.embeddings
+
+    def search(self, query: np.ndarray, k: int, allowed: np.ndarray | None = None) -> np.ndarray:
+        return self.inner.search(query, k, allowed)
+
+    def similarities(self, query: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        return self.inner.similarities(query, rows)
+
+    def close(self) -> None:
+        self.closed.append(self.name)
 
 
 async def rank(switch: ReleaseSwitch, query: str = "cordless drill") -> RankResult:
@@ -523,6 +550,27 @@ def test_a_failed_load_leaves_the_old_release_serving(tmp_path: Path, failure: s
         world.catalog_fails, world.broken_scorer = False, None
         world.triton.fail.clear()
         assert (await world.switch.load(world.b)).current.release_id == "rel-B"  # and a retry works
+
+    run(body)
+
+
+def test_releases_no_longer_wanted_let_go_of_their_vector_engine(tmp_path: Path) -> None:
+    world = World(tmp_path)
+    world.copies = True
+
+    async def body() -> None:
+        await world.start()  # copy 1: A
+        await world.switch.load(world.b)  # copy 2: B replaces A, which drained and is closed
+        assert world.closed == ["rel-A#1"]
+        await world.switch.load(world.b)  # copy 3: B is already serving; the new copy is closed
+        assert world.closed == ["rel-A#1", "rel-B#3"]
+        world.broken_scorer = "rel-C"
+        with pytest.raises(BackendUnavailable, match="warm-up"):
+            await world.switch.load(world.c)  # copy 4: fails, and is closed
+        assert world.closed == ["rel-A#1", "rel-B#3", "rel-C#4"]
+        assert not (await rank(world.switch)).degraded  # B, still open, still serving
+        world.switch.close()
+        assert world.closed == ["rel-A#1", "rel-B#3", "rel-C#4", "rel-B#2"]
 
     run(body)
 

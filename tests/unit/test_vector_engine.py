@@ -121,7 +121,7 @@ def test_connect_rejects_unknown_urls(url: str) -> None:
         vector_engine.connect(url)
 
 
-def write_release(directory: Path, embeddings: np.ndarray) -> Path:
+def write_release(directory: Path, embeddings: np.ndarray, release_id: str = "20260101T000000Z-test") -> Path:
     """A minimal release on disk: the example items, the given embeddings, FAISS and BM25 indexes."""
     directory.mkdir(parents=True)
     frame = pl.DataFrame(fakes.ITEMS, schema=["item_id", "title", "category", "brand", "price"], orient="row")
@@ -131,7 +131,7 @@ def write_release(directory: Path, embeddings: np.ndarray) -> Path:
     LexicalIndex.build(Analyzer().analyze_many(frame["title"].to_list())).save(directory / LEXICAL_DIR)
     manifest = {
         "format": 1,
-        "release_id": "20260101T000000Z-test",
+        "release_id": release_id,
         "created_at": "2026-01-01T00:00:00Z",
         "models": {
             "text_encoder": {"version": 1, "dim": embeddings.shape[1], "max_query_tokens": 8},
@@ -174,6 +174,41 @@ def test_release_load_without_url_or_collection(tmp_path: Path) -> None:
         Release.load(release_dir, dense_backend="qdrant", vector_engine_url=f"local:{tmp_path / 'empty'}")
     # The failed load released the folder's lock: another client can open it.
     vector_engine.connect(f"local:{tmp_path / 'empty'}").close()
+
+
+def test_two_releases_on_one_local_engine_share_its_client(tmp_path: Path) -> None:
+    # A swap loads the next release while the serving one is open: a local folder admits one client.
+    url = f"local:{tmp_path / 'qdrant'}"
+    releases = {}
+    for name, seed in (("A", 6), ("B", 7)):
+        directory = write_release(tmp_path / name, random_unit(len(fakes.ITEMS), 16, seed=seed), f"rel-{name}")
+        vector_engine.load_release(url, directory, progress=False)
+        releases[name] = directory
+    query = random_unit(1, 16, seed=8)[0]
+    serving = Release.load(releases["A"], dense_backend="qdrant", vector_engine_url=url)
+    before = serving.retriever.dense.search(query, 3).tolist()
+    following = Release.load(releases["B"], dense_backend="qdrant", vector_engine_url=f"local:{tmp_path}/x/../qdrant")
+    assert vector_engine.SHARED.users(url) == 2
+    serving.close()
+    serving.close()  # once only: the other release keeps the client
+    assert vector_engine.SHARED.users(url) == 1
+    assert len(following.retriever.dense.search(query, 3)) == 3
+    assert Release.load(releases["A"], dense_backend="faiss").retriever.dense.search(query, 3).tolist() == before
+    following.close()
+    assert vector_engine.SHARED.users(url) == 0
+    vector_engine.connect(url).close()  # the last close released the folder's lock
+
+
+def test_a_release_that_fails_after_opening_the_engine_lets_go_of_it(tmp_path: Path) -> None:
+    url = f"local:{tmp_path / 'qdrant'}"
+    directory = write_release(tmp_path / "release", random_unit(len(fakes.ITEMS), 16))
+    vector_engine.load_release(url, directory, progress=False)
+    for path in (directory / LEXICAL_DIR).iterdir():
+        path.unlink()
+    with pytest.raises(FileNotFoundError):
+        Release.load(directory, dense_backend="qdrant", vector_engine_url=url)
+    assert vector_engine.SHARED.users(url) == 0
+    vector_engine.connect(url).close()
 
 
 def test_settings_choose_the_backend(monkeypatch: pytest.MonkeyPatch) -> None:
