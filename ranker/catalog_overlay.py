@@ -178,6 +178,10 @@ class OverlayDense:
         return len(self._embeddings)
 
     @property
+    def remote(self) -> bool:
+        return self.base.remote
+
+    @property
     def embeddings(self) -> np.ndarray:
         return self._embeddings
 

@@ -51,7 +51,12 @@ _CANDIDATE_BUCKETS = (0, 10, 25, 50, 100, 200, 400, 600, 800, 1000, 1600, 3200, 
 _LABEL_NAME = re.compile(r"[^a-zA-Z0-9_]")
 
 # Degraded-reason codes: "<component>_<kind>", both from fixed sets.
-_COMPONENTS = (("text_encoder", "text_encoder"), ("encoder", "text_encoder"), ("ranker", "ranker"))
+_COMPONENTS = (
+    ("text_encoder", "text_encoder"),
+    ("encoder", "text_encoder"),
+    ("ranker", "ranker"),
+    ("vector_engine", "vector_engine"),
+)
 _PROFILE_WORDS = ("profile", "personal")
 
 

@@ -1,7 +1,8 @@
 """Ranker.rank(): encode -> retrieve -> features -> score -> blend -> diversify, degrading per stage.
 
-When the text encoder is unavailable the query is answered from BM25 alone; when the ranker is
-unavailable, from the fusion of the retrieval lists. Either way the response says so.
+When the text encoder is unavailable the query is answered from BM25 alone; when a vector engine
+(RANKER_DENSE_BACKEND=qdrant) is, from BM25's candidates; when the ranker is unavailable, from the
+fusion of the retrieval lists. Each time the response says so.
 """
 
 from __future__ import annotations
@@ -137,7 +138,8 @@ class Ranker:
                 encoding.exception()  # marks a failed encode as seen, so asyncio does not log it as lost
         personal = profile if personalization is Personalization.APPLIED else None
         with watch.stage("retrieve"):
-            candidates = self._candidates(query, query_tokens, embedding, allowed, pins, personal, lexical)
+            dense = await self._dense(query, embedding, allowed, _left(deadline, timeout), degraded)
+            candidates = self._candidates(query, query_tokens, embedding, allowed, pins, personal, lexical, dense)
         with watch.stage("features"):
             if embedding is None:  # the ranker will not run (see _score): no features to compute
                 rows = np.zeros((len(candidates.rows), len(features.FEATURE_NAMES)), dtype=np.float32)
@@ -246,6 +248,7 @@ class Ranker:
         include: list[int],
         profile: Profile | None = None,
         lexical: LexicalHits | None = None,
+        dense: np.ndarray | None = None,
     ) -> Candidates:
         catalog = self.release.catalog
         retriever = self.release.retriever
@@ -265,7 +268,34 @@ class Ranker:
             allowed=allowed,
             include=np.array(include, dtype=np.int64),
             lexical=lexical,
+            dense_ranked=dense,
         )
+
+    async def _dense(
+        self,
+        query: RankQuery,
+        embedding: np.ndarray | None,
+        allowed: np.ndarray | None,
+        timeout: float | None,
+        degraded: list[str],
+    ) -> np.ndarray | None:
+        """The ANN's rows for a search with an embedding (None for the other kinds of request). A vector engine
+        is asked on a worker thread within `timeout`; when it fails, the candidates are BM25's alone (their dense
+        features still come from the release's embeddings), and the answer says so."""
+        if embedding is None or query.candidate_ids or not query.query.strip():
+            return None
+        dense, k = self.release.retriever.dense, self.settings.dense_k
+        if not dense.remote:
+            return dense.search(embedding, k, allowed)
+        try:
+            try:
+                return await asyncio.wait_for(asyncio.to_thread(dense.search, embedding, k, allowed), timeout)
+            except TimeoutError as e:
+                raise BackendTimeout("vector_engine", f"no answer within {timeout:.3f} s") from e
+        except BackendError as e:
+            log.warning("vector engine unavailable, answering from BM25 candidates: %s", e)
+            degraded.append(f"vector_engine {_failure(e)} ({type(e).__name__}): lexical candidates only")
+            return np.zeros(0, dtype=np.int64)
 
     def _lexical(self, query: RankQuery, tokens: list[str], allowed: np.ndarray | None) -> LexicalHits | None:
         """BM25 hits for a search (text and no candidate_ids); None for the other kinds of request."""

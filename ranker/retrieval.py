@@ -111,6 +111,12 @@ class DenseRetriever(Protocol):
     def num_items(self) -> int: ...
 
     @property
+    def remote(self) -> bool:
+        """True when search() waits on another process (a vector engine): the pipeline then runs it on a worker
+        thread within the request's deadline, and answers from BM25 alone when it fails."""
+        ...
+
+    @property
     def embeddings(self) -> np.ndarray:
         """Item embeddings [items, dim], row-indexable (MMR/DPP read the candidates' rows)."""
         ...
@@ -164,6 +170,10 @@ class DenseIndex:
     @property
     def num_items(self) -> int:
         return int(self._index.ntotal)
+
+    @property
+    def remote(self) -> bool:
+        return False  # in this process's memory: searched on the event loop (a thread hop costs what it saves)
 
     @classmethod
     def build(
@@ -321,16 +331,18 @@ class HybridRetriever:
         allowed: np.ndarray | None = None,
         include: np.ndarray | None = None,
         lexical: LexicalHits | None = None,
+        dense_ranked: np.ndarray | None = None,
     ) -> Candidates:
         """Candidates for a query; `include` rows (e.g. pinned items) join them whether retrieved or not.
-        `lexical`: lexical_hits(query_tokens, lexical_k, allowed) when already computed."""
+        `lexical`: lexical_hits(query_tokens, lexical_k, allowed), `dense_ranked`: dense.search(query_embedding,
+        dense_k, allowed), when already computed."""
         if lexical is None:
             lexical = self.lexical_hits(query_tokens, lexical_k, allowed)
         bm25_all, lexical_ranked = lexical.scores, lexical.ranked
-        if query_embedding is None:
-            dense_ranked = np.zeros(0, dtype=np.int64)
-        else:
+        if dense_ranked is None and query_embedding is not None:
             dense_ranked = self.dense.search(query_embedding, dense_k, allowed)
+        elif dense_ranked is None:
+            dense_ranked = np.zeros(0, dtype=np.int64)
         extra = np.zeros(0, dtype=np.int64) if include is None else np.asarray(include, dtype=np.int64)
         rows = union_rows(dense_ranked, lexical_ranked, extra)
         return self.signals(rows, query_embedding, bm25_all, dense_ranked, lexical_ranked)

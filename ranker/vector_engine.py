@@ -162,6 +162,10 @@ class QdrantDenseIndex:
     def num_items(self) -> int:
         return self._num_items
 
+    @property
+    def remote(self) -> bool:
+        return True  # a server round trip (local: an exact search over every vector)
+
     @classmethod
     def open(
         cls,

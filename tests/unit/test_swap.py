@@ -219,6 +219,7 @@ class ClosingDense:
         self.inner, self.name, self.closed = inner, name, closed
         self.num_items = inner.num_items
         self.embeddings = inner.embeddings
+        self.remote = inner.remote
 
     def search(self, query: np.ndarray, k: int, allowed: np.ndarray | None = None) -> np.ndarray:
         return self.inner.search(query, k, allowed)

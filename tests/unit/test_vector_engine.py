@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import http.server
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import polars as pl
@@ -16,10 +19,13 @@ from qdrant_client import QdrantClient
 
 from ranker import vector_engine
 from ranker.config import load_settings
+from ranker.domain import RankQuery
 from ranker.errors import BackendFailed, BackendTimeout, BackendUnavailable, NotFound
 from ranker.features import FEATURE_NAMES
+from ranker.observability import degraded_reason_codes
+from ranker.pipeline import PipelineSettings, Ranker
 from ranker.release import DENSE_INDEX, EMBEDDINGS, ITEMS, LEXICAL_DIR, MANIFEST, Release
-from ranker.retrieval import Analyzer, DenseIndex, DenseRetriever, LexicalIndex
+from ranker.retrieval import Analyzer, DenseIndex, DenseRetriever, HybridRetriever, LexicalIndex
 from ranker.vector_engine import QdrantDenseIndex
 from tests.unit import fakes
 
@@ -35,6 +41,7 @@ def random_unit(n: int, dim: int, seed: int = 0) -> np.ndarray:
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
+T = TypeVar("T")
 EMB = random_unit(2000, 32)
 QUERIES = random_unit(20, 32, seed=1)
 
@@ -283,3 +290,46 @@ def test_client_errors_become_backend_errors(fake_server: tuple[str, type[_Handl
     slow = QdrantDenseIndex(remote(url), "c", EMB, num_items=len(EMB))
     with pytest.raises(BackendTimeout, match="timed out"):
         slow.search(QUERIES[0], 10)
+
+
+async def timed(call: Awaitable[T]) -> tuple[T, float]:
+    started = time.perf_counter()
+    result = await call
+    return result, time.perf_counter() - started
+
+
+def engine_ranker(client: QdrantClient) -> Ranker:
+    """The pipeline over the tiny release, its dense retrieval on a Qdrant engine at `client`."""
+    release = fakes.tiny_release()
+    embeddings = np.asarray(release.retriever.dense.embeddings)
+    dense = QdrantDenseIndex(client, "items", embeddings, num_items=len(embeddings))
+    tokenizer = fakes.FakeTokenizer()
+    return Ranker(
+        dataclasses.replace(release, retriever=HybridRetriever(dense, release.retriever.lexical)),
+        encoder=fakes.FakeEncoder(tokenizer.texts),
+        scorer=fakes.FakeScorer(),
+        tokenizer=tokenizer,  # type: ignore[arg-type]
+        settings=PipelineSettings(dense_k=5, lexical_k=5),
+    )
+
+
+def test_rank_answers_from_bm25_candidates_when_the_engine_fails_or_is_slow(
+    fake_server: tuple[str, type[_Handler]],
+) -> None:
+    url, handler = fake_server
+    query = RankQuery(request_id="r", query="cordless drill", top_k=5)
+    memory = vector_engine.connect(vector_engine.MEMORY)
+    vector_engine.upload(memory, "items", np.asarray(fakes.tiny_release().retriever.dense.embeddings), progress=False)
+    healthy = asyncio.run(engine_ranker(memory).rank(query, timeout=5.0))
+    assert not healthy.degraded and healthy.items
+    memory.close()
+    handler.delay_s = 2.0
+    for client, code in ((remote(unreachable_url()), "unavailable"), (remote(url), "timeout")):
+        result, seconds = asyncio.run(timed(engine_ranker(client).rank(query, timeout=0.3)))
+        assert seconds < 0.6  # within the caller's deadline, not the client's 1 s timeout
+        assert result.degraded and degraded_reason_codes(result.degraded_reason) == [f"vector_engine_{code}"]
+        assert "lexical candidates only" in result.degraded_reason
+        titles = {item_id: title.lower().split() for item_id, title, *_ in fakes.ITEMS}
+        assert result.items and all({"cordless", "drill"} & set(titles[item.item_id]) for item in result.items)
+        assert result.items[0].item_id.startswith("d")  # still ranked: the dense features come from embeddings
+        client.close()
