@@ -23,7 +23,7 @@ from ranker.errors import BackendError, BackendFailed, BackendTimeout, CircuitOp
 from ranker.models import Encoder, QueryTokenizer, Scorer
 from ranker.personal import Personalizer, personal_scores, popular_candidates, profile_candidates
 from ranker.profiles import ItemSpace, Profile
-from ranker.release import Manifest, Release
+from ranker.release import Catalog, Manifest, Release
 from ranker.retrieval import Candidates, LexicalHits, union_rows
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ class Ranker:
                     in_stock_only=query.in_stock_only,
                     excluded=self._excluded(query, business_rules, profile),
                 )
-                pinned = rules.pins(catalog, business_rules, allowed)
+                pinned = rules.pins(catalog, business_rules, _given(query, catalog, allowed))
                 pins = [row for _, row in pinned]
                 lexical = self._lexical(query, query_tokens, allowed)
             with watch.stage("encode"):
@@ -422,6 +422,15 @@ def _left(deadline: float | None, budget: float | None) -> float | None:
     if deadline is None or budget is None:
         return None
     return max(MIN_CALL_S, deadline - time.monotonic() - RESERVE_FRACTION * budget)
+
+
+def _given(query: RankQuery, catalog: Catalog, allowed: np.ndarray | None) -> np.ndarray | None:
+    """Where pins may come from: `allowed`, and for a rerank only the caller's items (rerank exactly these)."""
+    if not query.candidate_ids:
+        return allowed
+    given = np.zeros(len(catalog), dtype=bool)
+    given[[catalog.row_of[item_id] for item_id in query.candidate_ids]] = True
+    return given if allowed is None else given & allowed
 
 
 def _best_first(scores: np.ndarray, rows: np.ndarray, item_ids: Sequence[str], skip: Sequence[int]) -> np.ndarray:

@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 
-from ranker.domain import DiversityMethod, DiversitySpec, RankQuery
+from ranker.domain import DiversityMethod, DiversitySpec, RankQuery, Rule, RuleAction
 from ranker.errors import BackendFailed, BackendTimeout, BackendUnavailable, CircuitOpen, InvalidArgument
 from ranker.observability import degraded_reason_codes
 from ranker.pipeline import PipelineSettings, Ranker, check_candidate_ids
@@ -151,3 +151,15 @@ def test_max_sum_by_windows_keeps_scores_ordered_and_breakdowns_summing() -> Non
         assert sum(c.contribution for c in item.breakdown) == pytest.approx(item.score, abs=1e-9)
     again = rank(make_ranker(), diversity=spec, top_k=8)
     assert [i.item_id for i in again.items] == [i.item_id for i in result.items]  # deterministic
+
+
+def test_a_rerank_pin_moves_one_of_the_given_items_and_adds_none() -> None:
+    # The contract of candidate_ids: rerank exactly these items. A pin of another item is skipped, and it
+    # does not take its position from a later pin of a given item.
+    outside = Rule(action=RuleAction.PIN, item_ids=frozenset({"p1"}), position=1)
+    inside = Rule(action=RuleAction.PIN, item_ids=frozenset({"h1"}), position=1)
+    result = rank(make_ranker(), query="drill", candidate_ids=("d1", "d2", "h1"), rules=(outside, inside))
+    ids = [item.item_id for item in result.items]
+    assert ids[0] == "h1" and sorted(ids) == ["d1", "d2", "h1"] and result.candidates == 3
+    alone = rank(make_ranker(), query="drill", candidate_ids=("d1", "d2"), rules=(outside,))
+    assert {item.item_id for item in alone.items} == {"d1", "d2"} and alone.candidates == 2
