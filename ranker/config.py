@@ -137,6 +137,11 @@ class Settings(BaseSettings):
     auth_required_for_rank: bool = Field(
         default=False, description="Rank needs a token too (mutating and admin RPCs always do when tokens are set)"
     )
+    user_ref_key_file: FilePath | None = Field(
+        default=None,
+        description="secret key (≥ 16 bytes) of the hashed user ids in logs; share it across replicas to correlate "
+        "a user's lines. Unset: a random key per process",
+    )
     metrics_port: int = Field(default=9464, ge=0, le=65535, description="Prometheus /metrics port; 0 disables")
     log_format: Literal["text", "json"] = Field(default="text", description="json: one JSON object per line")
     access_log: bool = Field(default=True, description="one log line per RPC (health checks excepted)")

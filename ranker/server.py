@@ -16,7 +16,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from threadpoolctl import threadpool_limits
 
-from ranker import observability, profiles, security, tracing
+from ranker import observability, privacy, profiles, security, tracing
 from ranker.catalog_journal import JournalError
 from ranker.config import Settings
 from ranker.domain import RankQuery
@@ -270,6 +270,8 @@ async def serve(settings: Settings) -> None:
     """Load the release, connect to Triton, serve until SIGTERM/SIGINT, then drain and stop."""
     if settings.release is None:
         raise SystemExit("no release: pass --release DIR or set RANKER_RELEASE")
+    if settings.user_ref_key_file is not None:
+        privacy.use_key_file(settings.user_ref_key_file)
     # Each Rank runs its numpy and FAISS work on the event loop's thread, one query per call: BLAS and
     # OpenMP pools add nothing to that but idle threads that spin between calls (measured on 2 cores:
     # one spinning BLAS thread took as much CPU as the Rank pipeline itself).

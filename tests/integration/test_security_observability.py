@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import subprocess
@@ -20,7 +22,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from prometheus_client.parser import text_string_to_metric_families
 
-from ranker.privacy import user_ref
 from ranker.security import client_channel
 from ranker.tritonserver import LocalTritonServer
 from ranker.v1 import ranker_pb2, ranker_pb2_grpc
@@ -34,6 +35,7 @@ TOKEN = "it-token-3f9a0c1e5b7d2468"
 SECOND_TOKEN = "it-token-rotated-13579bdf"
 INLINE_TOKEN = "it-inline-token-02468ace"
 RAW_USER = "shopper-raw-id-4711@example.com"
+USER_REF_KEY = b"it-user-ref-key-6b1e9d03a5c7f842"
 
 
 @dataclass(frozen=True)
@@ -107,9 +109,12 @@ def tls_server(
     folder = tmp_path_factory.mktemp("tls-ranker")
     token_file = folder / "tokens"
     token_file.write_text(f"# two tokens: a rotation in progress\n{TOKEN}\n{SECOND_TOKEN}\n")
+    user_ref_key = folder / "user-ref-key"
+    user_ref_key.write_bytes(USER_REF_KEY + b"\n")
     metrics_port = free_port()
     env = {
         "RANKER_AUTH_TOKEN_FILE": str(token_file),
+        "RANKER_USER_REF_KEY_FILE": str(user_ref_key),
         "RANKER_METRICS_PORT": str(metrics_port),
         "RANKER_LOG_FORMAT": "json",
     }
@@ -286,7 +291,8 @@ def test_logs_are_json_lines_with_request_ids_and_no_raw_user_id(tls_server: Ser
     for request_id in ("it-req-json-1", generated):
         entry = access[request_id]
         assert entry["method"] == "/ranker.v1.Ranker/Rank" and entry["code"] == "OK"
-        assert entry["user"] == user_ref(RAW_USER)
+        # The reference is HMAC-SHA256 under the server's key file, not a hash anyone could recompute.
+        assert entry["user"] == "u:" + hmac.new(USER_REF_KEY, RAW_USER.encode(), hashlib.sha256).hexdigest()[:16]
         assert {"ts", "level", "msg", "ms", "candidates"} <= set(entry)
     assert RAW_USER not in text and "shopper-raw-id" not in text
     assert TOKEN not in text and SECOND_TOKEN not in text
