@@ -210,19 +210,24 @@ class CatalogJournal:
         self._write([_change_line(change)])
 
     def rewrite(self, header: JournalHeader, changes: Sequence[Change]) -> None:
-        """Replace the whole journal (a new header, compacted changes) atomically: temp file, fsync, rename."""
+        """Replace the whole journal (a new header, compacted changes) atomically: temp file, fsync, rename.
+        From the rename on, this writer appends to the new file, even if what follows the rename fails."""
         temporary = self.path.with_name(self.path.name + ".tmp")
-        with temporary.open("wb") as f:
-            f.write(_header_line(header))
-            for change in changes:
-                f.write(_change_line(change))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, self.path)
+        fd = os.open(temporary, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            with os.fdopen(os.dup(fd), "wb") as f:
+                f.write(_header_line(header))
+                for change in changes:
+                    f.write(_change_line(change))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temporary, self.path)
+        except BaseException:
+            os.close(fd)
+            raise
+        old, self._fd, self._broken = self._fd, fd, None
+        os.close(old)
         _fsync_directory(self.path.parent)
-        os.close(self._fd)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
-        self._broken = None
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -230,10 +235,16 @@ class CatalogJournal:
 
     def _write(self, lines: list[bytes]) -> None:
         try:
-            size = os.fstat(self._fd).st_size
+            mine = os.fstat(self._fd)
+            size = mine.st_size
+            at_path = os.stat(self.path)
         except OSError as e:
             self._broken = f"{type(e).__name__}: {e}"
             raise JournalError(f"cannot write {self.path}: {e}") from e
+        if (mine.st_dev, mine.st_ino) != (at_path.st_dev, at_path.st_ino):
+            # Another writer (the next release's catalog, in a swap that then failed) replaced the file: a line
+            # written here would land in the unlinked file and be lost at restart.
+            raise JournalError(f"{self.path} was replaced by another writer; restart or load the release again")
         try:
             for line in lines:
                 view = memoryview(line)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 import os
@@ -11,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ranker.catalog_journal import JOURNAL, JournalError
+from ranker import catalog_journal
+from ranker.catalog_journal import JOURNAL, CatalogJournal, Delete, JournalError, JournalHeader, read
 from ranker.domain import CatalogItem, RankQuery, RankResult, Rule, RuleAction
 from ranker.errors import BackendUnavailable, NotConfigured
 from ranker.live_catalog import ENCODE_BATCH, JOURNAL_DIR, LiveCatalog, embed_titles
@@ -258,3 +260,28 @@ def test_only_an_explicit_state_folder_must_be_writable() -> None:
 
     assert "state_dir" not in Settings().model_fields_set
     assert "state_dir" in load_settings(state_dir="/somewhere").model_fields_set
+
+
+def test_a_journal_replaced_by_the_next_catalog_takes_no_more_appends_from_the_old_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A swap's next catalog rewrites the journal (os.replace) before the switch. Should the swap fail after
+    # that, the serving catalog's descriptor points at the replaced, unlinked file: an update appended
+    # there would be acknowledged and then lost at restart. It is refused instead.
+    path = tmp_path / JOURNAL
+    header = JournalHeader(release_id="rel-A", encoder="enc", dim=4)
+    serving, _, _ = CatalogJournal.open(path)
+    serving.rewrite(header, [])
+    serving.append(Delete(("a",)))
+    following, _, changes = CatalogJournal.open(path)
+    monkeypatch.setattr(catalog_journal, "_fsync_directory", broken_fsync)
+    with pytest.raises(OSError, match="Input/output"):
+        following.rewrite(dataclasses.replace(header, release_id="rel-B"), changes)  # fails after the rename
+    following.append(Delete(("b",)))  # the new writer's descriptor is the file at the path
+    with pytest.raises(JournalError, match="replaced"):
+        serving.append(Delete(("c",)))
+    assert [c.item_ids for c in read(path)[1]] == [("a",), ("b",)]
+
+
+def broken_fsync(directory: Path) -> None:
+    raise OSError(5, "Input/output error")
