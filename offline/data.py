@@ -116,6 +116,9 @@ def load_catalog(path: Path, *, limit: int | None = None) -> pl.DataFrame:
     return frame.select([pl.col(name).cast(dtype) for name, dtype in ITEM_SCHEMA.items()])
 
 
+RELEVANCE_RANGE = (1.0, 3.0)  # the graded scale offline.metrics reads: gain = relevance - 1, relevant from 2
+
+
 def load_judgments(path: Path) -> pl.DataFrame:
     """query (Utf8), item_id (Utf8), relevance (Float64); one row per distinct (query, item)."""
     path = Path(path)
@@ -129,6 +132,10 @@ def load_judgments(path: Path) -> pl.DataFrame:
     bad = frame.filter(pl.col("relevance").is_null()).height
     if bad:
         raise DataError(f"{path}: {bad} row(s) have a relevance that is not a number")
+    low, high = RELEVANCE_RANGE
+    bad = frame.filter(~pl.col("relevance").is_between(low, high)).height  # NaN and ±inf fail too
+    if bad:
+        raise DataError(f"{path}: {bad} row(s) have a relevance outside {low:g}..{high:g}")
     frame = frame.filter(pl.col("query").is_not_null() & (pl.col("query") != ""))
     return frame.group_by(["query", "item_id"], maintain_order=True).agg(pl.col("relevance").mean())
 

@@ -32,7 +32,7 @@ import numpy as np
 import polars as pl
 from tqdm import tqdm
 
-from offline import metrics
+from offline import cli, metrics
 from offline.attributes import fill_attributes
 from offline.data import judgments_by_query, load_catalog, load_judgments, split_queries
 from ranker.domain import DEFAULT_STRENGTH, DiversityMethod, DiversitySpec, RankQuery
@@ -323,7 +323,8 @@ def plot_stages(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> No
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     release = Release.load(args.release, ef_search=args.ef_search)
     check_products(release, args.products)
-    seed = int(release.manifest.raw.get("data", {}).get("split", {}).get("seed", args.seed))
+    trained_on = release.manifest.raw.get("data") or {}
+    seed = int((trained_on.get("split") or {}).get("seed", args.seed))  # a release without judgments: no split
     judged = select_queries(args.judgments, args.split, seed)
     queries = list(judged)[: args.limit] if args.limit else list(judged)
     judged = {q: judged[q] for q in queries}
@@ -412,9 +413,15 @@ def print_table(result: Mapping[str, Any]) -> None:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m offline.evaluate", description=__doc__)
-    parser.add_argument("--release", type=Path, required=True, help="release folder written by offline.export")
-    parser.add_argument("--products", type=Path, required=True, help="the catalog the release was built from")
-    parser.add_argument("--judgments", type=Path, required=True, help="graded judgments (query, item_id, relevance)")
+    parser.add_argument(
+        "--release", type=cli.existing_dir, required=True, help="release folder written by offline.export"
+    )
+    parser.add_argument(
+        "--products", type=cli.existing_file, required=True, help="the catalog the release was built from"
+    )
+    parser.add_argument(
+        "--judgments", type=cli.existing_file, required=True, help="graded judgments (query, item_id, relevance)"
+    )
     parser.add_argument(
         "--split",
         choices=("dev", "train", "all"),
@@ -422,9 +429,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="which queries: the release's held-out dev split (default), its train split, or all",
     )
     parser.add_argument("--seed", type=int, default=13, help="split seed when the manifest records none")
-    parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N qualifying queries")
+    parser.add_argument("--limit", type=cli.count(0), default=0, help="evaluate only the first N qualifying queries")
     parser.add_argument("--ablation", action="store_true", help="also score BM25, dense, RRF and ranker stages")
-    parser.add_argument("--baseline", type=Path, help="with --ablation: a release whose dense stage is a row too")
+    parser.add_argument(
+        "--baseline", type=cli.existing_dir, help="with --ablation: a release whose dense stage is a row too"
+    )
     parser.add_argument("--plot", type=Path, help="write a PNG of NDCG@10 per stage (implies --ablation)")
     parser.add_argument(
         "--diversity",
@@ -434,22 +443,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--diversity-strength",
-        type=float,
+        type=cli.fraction,
         help="0 = pure relevance .. 1 = pure diversity (default: the method's, e.g. mmr 0.3, max_sum 0.04)",
     )
     parser.add_argument(
         "--diversity-window",
-        type=int,
+        type=cli.count(0),
         default=0,
         help="diversify each run of this many positions on its own, shown in relevance order (0: whole list)",
     )
     # The service's candidate settings (RANKER_DENSE_K, RANKER_LEXICAL_K, RANKER_EF_SEARCH): what a
     # shallower, faster candidate set costs in quality.
-    parser.add_argument("--dense-k", type=int, help="ANN candidates per query (default: the release's)")
-    parser.add_argument("--lexical-k", type=int, help="BM25 candidates per query (default: the release's)")
-    parser.add_argument("--ef-search", type=int, default=EF_SEARCH, help=f"HNSW search breadth (default {EF_SEARCH})")
-    parser.add_argument("--max-per-category", type=int, default=0, help="cap per category in the top k (0: none)")
-    parser.add_argument("--max-per-brand", type=int, default=0, help="cap per brand in the top k (0: none)")
+    parser.add_argument("--dense-k", type=cli.count(1), help="ANN candidates per query (default: the release's)")
+    parser.add_argument("--lexical-k", type=cli.count(1), help="BM25 candidates per query (default: the release's)")
+    parser.add_argument(
+        "--ef-search", type=cli.count(1), default=EF_SEARCH, help=f"HNSW search breadth (default {EF_SEARCH})"
+    )
+    parser.add_argument(
+        "--max-per-category", type=cli.count(0), default=0, help="cap per category in the top k (0: none)"
+    )
+    parser.add_argument("--max-per-brand", type=cli.count(0), default=0, help="cap per brand in the top k (0: none)")
     parser.add_argument(
         "--tradeoff",
         type=Path,
@@ -463,13 +476,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--max-sum-strengths",
-        type=lambda text: tuple(float(v) for v in text.split(",")),
+        type=cli.fractions,
         default=MAX_SUM_STRENGTHS,
         help=f"with --tradeoff: the strengths of max_sum curves (default {','.join(map(str, MAX_SUM_STRENGTHS))})",
     )
     parser.add_argument(
         "--strengths",
-        type=lambda text: tuple(float(v) for v in text.split(",")),
+        type=cli.fractions,
         default=TRADEOFF_STRENGTHS,
         help="with --tradeoff: comma-separated strengths of the mmr and dpp curves",
     )
@@ -485,7 +498,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return personalization.main(argv[1:])
     args = parse_args(argv)
-    result = evaluate(args)
+    try:
+        result = evaluate(args)
+    except cli.USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(result))
     else:

@@ -27,7 +27,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from offline import data, encoder, gate, interactions, train_encoder, train_ranker
+from offline import cli, data, encoder, gate, interactions, train_encoder, train_ranker
 from offline.attributes import fill_attributes
 from offline.triton_repo import write_model_repository
 from ranker import release as layout
@@ -84,16 +84,20 @@ class Stages:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m offline.export", description=__doc__)
-    parser.add_argument("--catalog", type=Path, required=True, help="items CSV/parquet (see offline.data)")
+    parser.add_argument("--catalog", type=cli.existing_file, required=True, help="items CSV/parquet (see offline.data)")
     parser.add_argument("--out", type=Path, required=True, help="release folder to create")
-    parser.add_argument("--judgments", type=Path, help="query/item/relevance CSV; without it a fallback ranker")
+    parser.add_argument(
+        "--judgments", type=cli.existing_file, help="query/item/relevance CSV; without it a fallback ranker"
+    )
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
     parser.add_argument("--seed", type=int, default=13, help="train/dev split and training seed")
-    parser.add_argument("--limit", type=int, help="use only the first N catalog rows (quick tests)")
-    parser.add_argument("--policy", type=Path, help="ranking policy TOML to ship (default: the service defaults)")
+    parser.add_argument("--limit", type=cli.count(1), help="use only the first N catalog rows (quick tests)")
+    parser.add_argument(
+        "--policy", type=cli.existing_file, help="ranking policy TOML to ship (default: the service defaults)"
+    )
     parser.add_argument(
         "--interactions",
-        type=Path,
+        type=cli.existing_file,
         help="shoppers' histories (user_id, item_id[, timestamp]) -> neighbours.npz for the personal signal",
     )
     parser.add_argument(
@@ -102,7 +106,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="publish even when dev NDCG@10 is worse than the release being replaced (see offline.gate)",
     )
     encoders = parser.add_argument_group("text encoder")
-    encoders.add_argument("--encoder", type=Path, help="a fine-tuned Hugging Face model folder to export as is")
+    encoders.add_argument(
+        "--encoder", type=cli.existing_dir, help="a fine-tuned Hugging Face model folder to export as is"
+    )
     encoders.add_argument(
         "--finetune",
         action=argparse.BooleanOptionalAction,
@@ -111,20 +117,28 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     encoders.add_argument(
         "--finetune-minutes",
-        type=float,
+        type=cli.positive,
         default=18.0,
         help="training time budget per export run (default 18, so a Home Depot-sized export stays under 30 min "
         "on 2 CPU cores); when reached, training stops at a checkpoint and the partly trained model is exported; "
         "re-running the same export resumes it, and a finished fine-tune is reused",
     )
     defaults = train_encoder.TrainConfig()
-    encoders.add_argument("--finetune-epochs", type=int, default=defaults.epochs)
-    encoders.add_argument("--finetune-batch-size", type=int, default=defaults.batch_size)
+    encoders.add_argument("--finetune-epochs", type=cli.count(1), default=defaults.epochs)
+    encoders.add_argument("--finetune-batch-size", type=cli.count(1), default=defaults.batch_size)
     encoders.add_argument("--finetune-device", choices=("cpu", "cuda"), default="cpu")
     encoders.add_argument(
         "--cache-dir", type=Path, default=DEFAULT_CACHE, help="fine-tuning checkpoints, one folder per data+config key"
     )
     return parser.parse_args(argv)
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """What would otherwise fail only after the encoder and ranker have trained: a bad policy, no CUDA."""
+    if args.policy is not None:
+        load_policy(args.policy)
+    if args.finetune_device == "cuda" and not torch.cuda.is_available():
+        raise ExportError("--finetune-device cuda but no CUDA device is available")
 
 
 def sha256_bytes(payload: bytes) -> str:
@@ -566,13 +580,17 @@ def summary(out: Path, manifest: dict[str, Any], total_s: float) -> str:
     return "\n".join(lines)
 
 
+REPORTED: tuple[type[BaseException], ...] = (ExportError, encoder.ParityError, gate.GateRefused, *cli.USER_ERRORS)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(THREADS)
     start = time.perf_counter()
     try:
+        check_arguments(args)
         out, manifest = export(args)
-    except (ExportError, data.DataError, encoder.ParityError, gate.GateRefused) as e:
+    except REPORTED as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(summary(out, manifest, time.perf_counter() - start))

@@ -46,9 +46,16 @@ def _dev_ndcg(manifest: dict[str, Any]) -> float | None:
     return None if value is None else float(value)
 
 
-def _judged_on(manifest: dict[str, Any]) -> tuple[Any, Any]:
-    data = manifest.get("data", {})
-    return data.get("judgments_sha256"), data.get("split", {}).get("seed")
+def _judged_on(manifest: dict[str, Any]) -> tuple[Any, ...]:
+    """What a dev NDCG depends on besides the models: the judgments, the split, and the corpus ranked over."""
+    data = manifest.get("data") or {}
+    split = data.get("split") or {}
+    return (
+        data.get("judgments_sha256"),
+        split.get("seed"),
+        data.get("catalog_sha256"),
+        data.get("catalog_limit"),
+    )
 
 
 def check(new: dict[str, Any], current_dir: Path, *, allow_regression: bool) -> GateDecision:
@@ -62,7 +69,7 @@ def check(new: dict[str, Any], current_dir: Path, *, allow_regression: bool) -> 
     if previous is None or current is None:
         return GateDecision(decision="not comparable", reason=f"{METRIC} missing from a manifest", **base)
     if _judged_on(old) != _judged_on(new):
-        return GateDecision(decision="not comparable", reason="judged on other judgments or split seed", **base)
+        return GateDecision(decision="not comparable", reason="judged on other judgments, split or catalog", **base)
     if current >= previous:
         return GateDecision(decision="passed", reason=f"{METRIC} {current:.4f} >= {previous:.4f}", **base)
     message = f"{METRIC} {current:.4f} is worse than the current release's {previous:.4f} ({old.get('release_id')})"

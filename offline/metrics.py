@@ -32,8 +32,19 @@ def ndcg_at_k(ranked: Sequence[str], judged: Mapping[str, float], k: int = 10) -
     ideal_dcg = dcg(ideal)
     if ideal_dcg <= 0:
         return 0.0
-    gains = [max(judged.get(item, 1.0) - 1.0, 0.0) for item in ranked[:k]]
+    # An item shown twice earns its gain once: the ideal list holds each judged item once.
+    gains = [0.0 if item is None else max(judged.get(item, 1.0) - 1.0, 0.0) for item in _first_occurrences(ranked[:k])]
     return dcg(gains) / ideal_dcg
+
+
+def _first_occurrences(ranked: Sequence[str]) -> list[str | None]:
+    """The list with every repeat of an id replaced by None (no gain), positions kept."""
+    seen: set[str] = set()
+    out: list[str | None] = []
+    for item in ranked:
+        out.append(None if item in seen else item)
+        seen.add(item)
+    return out
 
 
 def recall_at_k(ranked: Sequence[str], judged: Mapping[str, float], k: int = 100) -> float:

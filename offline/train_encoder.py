@@ -38,7 +38,7 @@ import polars as pl
 import torch
 from tqdm import tqdm
 
-from offline import data, metrics
+from offline import cli, data, metrics
 from offline.encoder import MAX_QUERY_TOKENS, MAX_TITLE_TOKENS, MeanPooledEncoder, load_reference
 from ranker.retrieval import Analyzer, LexicalIndex, top_rows
 
@@ -582,18 +582,18 @@ def evaluate_models(
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(prog="python -m offline.train_encoder", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--catalog", type=Path, required=True)
-    parser.add_argument("--judgments", type=Path, required=True)
+    parser.add_argument("--catalog", type=cli.existing_file, required=True)
+    parser.add_argument("--judgments", type=cli.existing_file, required=True)
     parser.add_argument("--out", type=Path, required=True, help="checkpoint folder (the model lands in OUT/model)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--epochs", type=int, default=defaults.epochs)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
-    parser.add_argument("--hard-negatives", type=int, default=defaults.hard_negatives)
+    parser.add_argument("--epochs", type=cli.count(1), default=defaults.epochs)
+    parser.add_argument("--batch-size", type=cli.count(1), default=defaults.batch_size)
+    parser.add_argument("--learning-rate", type=cli.positive, default=defaults.learning_rate)
+    parser.add_argument("--hard-negatives", type=cli.count(0), default=defaults.hard_negatives)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--max-minutes", type=float, help="stop cleanly at a checkpoint after this long")
+    parser.add_argument("--max-minutes", type=cli.positive, help="stop cleanly at a checkpoint after this long")
     parser.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
-    parser.add_argument("--limit", type=int, help="use only the first N catalog rows")
+    parser.add_argument("--limit", type=cli.count(1), help="use only the first N catalog rows")
     parser.add_argument(
         "--pretrained-release",
         type=Path,
@@ -616,8 +616,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         learning_rate=args.learning_rate,
         hard_negatives=args.hard_negatives,
     )
-    items = data.load_catalog(args.catalog, limit=args.limit)
-    judgments = data.load_judgments(args.judgments)
+    try:
+        items = data.load_catalog(args.catalog, limit=args.limit)
+        judgments = data.load_judgments(args.judgments)
+    except cli.USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     judgments = judgments.filter(pl.col("item_id").is_in(items["item_id"].implode()))
     split = data.split_queries(judgments, args.seed)
     cache = None

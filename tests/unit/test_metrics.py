@@ -32,6 +32,14 @@ def test_ndcg_cutoff() -> None:
     assert metrics.ndcg_at_k(["b", "a"], JUDGED, k=1) == pytest.approx(0.5)
 
 
+def test_ndcg_counts_an_item_shown_twice_once() -> None:
+    # The ideal list holds each judged item once, so repeats must not push NDCG above 1.
+    assert metrics.ndcg_at_k(["a", "a", "d", "b"], JUDGED, k=10) == pytest.approx(
+        (2 + 1.5 / math.log2(4) + 1 / math.log2(5)) / (2 + 1.5 / math.log2(3) + 0.5)
+    )
+    assert metrics.ndcg_at_k(["a"] * 10, JUDGED, k=10) < 1.0
+
+
 def test_ndcg_without_gain_is_zero() -> None:
     assert metrics.ndcg_at_k(["c"], {"c": 1.0}, k=10) == 0.0
     assert metrics.ndcg_at_k([], JUDGED, k=10) == 0.0

@@ -96,6 +96,13 @@ def test_judgments_non_numeric_relevance(tmp_path: Path) -> None:
         data.load_judgments(path)
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "0", "3.5", "-4"])
+def test_judgments_outside_the_graded_scale_are_refused(tmp_path: Path, value: str) -> None:
+    path = write(tmp_path / "j.csv", f"query,item_id,relevance\ndrill,a,3\ndrill,b,{value}\n")
+    with pytest.raises(data.DataError, match=r"1 row\(s\) have a relevance outside 1..3"):
+        data.load_judgments(path)
+
+
 def judgments_frame(n_queries: int = 400) -> pl.DataFrame:
     queries = [f"query {i}" for i in range(n_queries) for _ in range(3)]
     return pl.DataFrame(
