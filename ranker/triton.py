@@ -20,6 +20,7 @@ from ranker.breaker import CircuitBreaker
 from ranker.errors import BackendError, BackendFailed, BackendTimeout, BackendUnavailable, NotConfigured
 from ranker.models import ENCODER_INPUTS, ENCODER_OUTPUT, RANKER_INPUT, RANKER_OUTPUT
 from ranker.observability import triton_call
+from ranker.tritonserver import KEEPALIVE_TIME_MS
 
 # Same names as ranker.release.ENCODER_MODEL / RANKER_MODEL (not imported: release pulls in faiss).
 ENCODER_MODEL = "text_encoder"
@@ -89,7 +90,7 @@ CHANNEL_ARGS = [
     ("grpc.max_receive_message_length", 2**31 - 1),
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
-    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),

@@ -26,6 +26,14 @@ from ranker.errors import BackendUnavailable
 PYTRITON_DIST = "nvidia-pytriton"
 CONTROL_MODES = ("none", "explicit")
 LOG_TAIL_LINES = 40
+# The ranker's client pings Triton this often, also on an idle connection, to notice a server that went away
+# (ranker.triton.CHANNEL_ARGS). Triton's defaults refuse such pings and close the connection with GOAWAY
+# too_many_pings, so the server must permit them: the embedded server and deploy/base/triton.yaml pass these.
+KEEPALIVE_TIME_MS = 10_000
+TRITON_KEEPALIVE_ARGS = (
+    "--grpc-keepalive-permit-without-calls=1",
+    f"--grpc-http2-min-recv-ping-interval-without-data={KEEPALIVE_TIME_MS // 2}",
+)
 
 
 class TritonServerError(BackendUnavailable):
@@ -209,6 +217,7 @@ class LocalTritonServer:
             "--log-verbose=0",
             "--exit-on-error=true",
             "--strict-readiness=true",
+            *TRITON_KEEPALIVE_ARGS,
         ]
         if self.model_config_name:
             args.append(f"--model-config-name={self.model_config_name}")

@@ -19,6 +19,7 @@ import kubernetes_validate
 from kubernetes_validate.utils import SchemaNotFoundError
 
 from ranker.config import ENV_PREFIX, Settings
+from ranker.tritonserver import TRITON_KEEPALIVE_ARGS
 
 Obj = dict[str, Any]
 
@@ -254,6 +255,10 @@ def check_triton(where: str, container: Obj, grace: float) -> list[str]:
         problems.append(
             f"{where}: --load-model {args['--load-model']}: the ranker loads the models, under per-release names"
         )
+    for flag in TRITON_KEEPALIVE_ARGS:
+        name, _, value = flag.partition("=")
+        if args.get(name) != [value]:
+            problems.append(f"{where}: {flag} is missing: the rankers' keepalive pings would close the connection")
     for port_name in ("http", "grpc", "metrics"):
         flag = args.get(f"--{port_name}-port", [""])[0]
         if str(container_port(container, port_name)) != flag:

@@ -163,6 +163,9 @@ MUTATIONS: dict[str, tuple[str, str, list[str | int], object, str]] = {
     "models loaded at triton's start": (
         "Deployment", "triton", [*CONTAINER, "args", 3], "--load-model=ranker", "--load-model",
     ),
+    "triton refuses the rankers' keepalive pings": (
+        "Deployment", "triton", [*CONTAINER, "args", -1], "--log-verbose=0", "--grpc-http2-min-recv-ping-interval",
+    ),
     "triton takes no model loads": (
         "Deployment", "triton", [*CONTAINER, "args", 2], "--model-control-mode=none", "must be explicit",
     ),
