@@ -535,7 +535,12 @@ def publish(staging: Path, out: Path, *, force: bool) -> None:
         raise ExportError(f"{out} exists; pass --force to replace it")
     retired = Path(tempfile.mkdtemp(prefix=f"{RETIRED_PREFIX}{out.name}-", dir=out.parent))
     os.rename(out, retired / out.name)
-    os.rename(staging, out)
+    try:
+        os.rename(staging, out)
+    except BaseException:
+        os.rename(retired / out.name, out)  # the old release goes back: --out is never left missing
+        retired.rmdir()
+        raise
     shutil.rmtree(retired)
 
 

@@ -163,6 +163,25 @@ def test_publish_replaces_only_with_force(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
+def test_a_failed_replacement_puts_the_old_release_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    staging, out = tmp_path / ".staging", tmp_path / "out"
+    staging.mkdir()
+    out.mkdir()
+    (out / "old").write_text("old")
+    rename = os.rename
+
+    def failing(source: Path, target: Path) -> None:
+        if Path(source) == staging:
+            raise OSError(5, "Input/output error")
+        rename(source, target)
+
+    monkeypatch.setattr(export.os, "rename", failing)
+    with pytest.raises(OSError, match="Input/output"):
+        export.publish(staging, out, force=True)
+    assert [p.name for p in out.iterdir()] == ["old"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".staging", "out"]  # export() then removes staging
+
+
 @pytest.mark.slow
 def test_finetune_checkpoints_resumes_and_is_exported(tmp_path: Path) -> None:
     import torch
