@@ -275,6 +275,10 @@ class Release:
         """
         path = Path(path).resolve()
         manifest = read_manifest(path)
+        missing = sorted(name for name in manifest.raw.get("files") or {} if not (path / name).is_file())
+        if missing:  # e.g. an int8 encoder the CPU config names, gone: the release was damaged after export
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise NotFound(f"release {manifest.release_id} at {path} lacks files its manifest lists: {shown}")
         if manifest.features != FEATURE_NAMES:
             raise NotFound(
                 f"release {manifest.release_id} was trained on features {list(manifest.features)}, "
