@@ -548,8 +548,6 @@ def export(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
     out = args.out.resolve()
     if out.exists() and not args.force:
         raise ExportError(f"{out} exists; pass --force to replace it")
-    if args.limit is not None and args.limit < 1:
-        raise ExportError(f"--limit must be >= 1, got {args.limit}")
     out.parent.mkdir(parents=True, exist_ok=True)
     # A sibling of --out: same filesystem, so the final rename is atomic.
     staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{out.name}-", dir=out.parent))

@@ -279,14 +279,12 @@ class Ranker:
         timeout: float | None,
         degraded: list[str],
     ) -> np.ndarray | None:
-        """The ANN's rows for a search with an embedding (None for the other kinds of request). A vector engine
-        is asked on a worker thread within `timeout`; when it fails, the candidates are BM25's alone (their dense
-        features still come from the release's embeddings), and the answer says so."""
-        if embedding is None or query.candidate_ids or not query.query.strip():
-            return None
+        """A vector engine's rows for a search with an embedding, asked on a worker thread within `timeout`; when
+        it fails, none, so the candidates are BM25's alone (their dense features still come from the release's
+        embeddings), and the answer says so. None otherwise: retrieve() searches an in-process index itself."""
         dense, k = self.release.retriever.dense, self.settings.dense_k
-        if not dense.remote:
-            return dense.search(embedding, k, allowed)
+        if embedding is None or query.candidate_ids or not query.query.strip() or not dense.remote:
+            return None
         try:
             try:
                 return await asyncio.wait_for(asyncio.to_thread(dense.search, embedding, k, allowed), timeout)
