@@ -25,6 +25,19 @@ class Settings(BaseSettings):
     host: str = Field(default="0.0.0.0", description="address the gRPC server binds")
     port: int = Field(default=50051, ge=0, le=65535, description="gRPC port (0 picks a free one)")
     grace_s: float = Field(default=10.0, ge=0, description="drain time for in-flight RPCs on SIGTERM")
+    drain_s: float = Field(
+        default=0.0,
+        ge=0,
+        le=600,
+        description="on SIGTERM, report NOT_SERVING and keep serving this long before the stop, so that clients "
+        "move away first: calls still arriving when the server stops come back CANCELLED",
+    )
+    max_connection_age_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="close each client connection gracefully (GOAWAY) after about this long, so that clients "
+        "behind an L4 balancer reconnect and spread over replicas, and leave a draining one; unset: never",
+    )
 
     triton_url: str = Field(
         default="embedded",

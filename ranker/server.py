@@ -45,9 +45,20 @@ class RunningServer:
     health: health_aio.HealthServicer
     metrics: observability.MetricsServer | None = None
 
-    async def stop(self, grace: float) -> None:
-        """Report NOT_SERVING first so load balancers drain us, then finish in-flight RPCs."""
+    async def stop(self, grace: float, *, drain: float = 0.0, cut_short: asyncio.Event | None = None) -> None:
+        """Report NOT_SERVING, keep serving for `drain` seconds (until `cut_short` is set, if given), then stop
+        and give in-flight RPCs `grace` seconds.
+
+        The stop itself cancels every call that has arrived but not yet reached a handler, and clients keep
+        sending on an open connection until they hear of the stop. The drain is the time for them to move away
+        first: clients that watch health (round robin with healthCheckConfig) leave on NOT_SERVING, and clients
+        behind an L4 balancer leave when their connection reaches its maximum age (`max_connection_age_s`)."""
         await self.health.enter_graceful_shutdown()
+        if drain > 0:
+            log.info("draining: NOT_SERVING, still serving for %.1fs before the stop", drain)
+            waiter = asyncio.Event() if cut_short is None else cut_short
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(waiter.wait(), drain)
         await self.server.stop(grace)
         if self.metrics is not None:
             self.metrics.stop()
@@ -79,12 +90,7 @@ async def start_server(
     if switch is not None:
         chain.append(ReleaseLeases())  # innermost: an RPC holds its release while its handler runs
     server = grpc.aio.server(
-        interceptors=chain,
-        options=[
-            ("grpc.max_receive_message_length", settings.max_receive_bytes),
-            ("grpc.max_concurrent_streams", settings.max_concurrent_rpcs),
-        ],
-        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+        interceptors=chain, options=server_options(settings), maximum_concurrent_rpcs=settings.max_concurrent_rpcs
     )
     ranker_pb2_grpc.add_RankerServicer_to_server(RankerServicer(current, settings, catalog=catalog), server)
     services = [SERVICE_NAME]
@@ -107,6 +113,22 @@ async def start_server(
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
     await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     return RunningServer(server=server, port=port, health=health, metrics=metrics)
+
+
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    """gRPC core options: message and stream limits, and connection aging when `max_connection_age_s` is set.
+    An aged connection gets GOAWAY and then `grace_s` for the calls on it; the client reconnects on its own and
+    retries transparently whatever the GOAWAY refused."""
+    options = [
+        ("grpc.max_receive_message_length", settings.max_receive_bytes),
+        ("grpc.max_concurrent_streams", settings.max_concurrent_rpcs),
+    ]
+    if settings.max_connection_age_s is not None:
+        options += [
+            ("grpc.max_connection_age_ms", max(1, round(settings.max_connection_age_s * 1000))),
+            ("grpc.max_connection_age_grace_ms", round(settings.grace_s * 1000)),
+        ]
+    return options
 
 
 @contextlib.asynccontextmanager
@@ -316,9 +338,11 @@ async def _serve_release(settings: Settings, path: Path) -> None:
                 url,
                 switch.model_loading,
             )
-            await _wait_for_signal()
-            log.info("stopping: draining in-flight RPCs for up to %.1fs", settings.grace_s)
-            await running.stop(settings.grace_s)
+            signals = Signals()
+            await signals.next()
+            # A second SIGTERM/SIGINT cuts the drain short.
+            await running.stop(settings.grace_s, drain=settings.drain_s, cut_short=signals.next_event())
+            log.info("stopped: in-flight RPCs finished or their %.1fs grace ran out", settings.grace_s)
             keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await keeper
@@ -329,9 +353,23 @@ async def _serve_release(settings: Settings, path: Path) -> None:
             await models.close()
 
 
-async def _wait_for_signal() -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+class Signals:
+    """SIGTERM and SIGINT, handled on the running loop: each arrival sets the event of the current wait."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._arrived)
+
+    def _arrived(self) -> None:
+        self._event.set()
+
+    async def next(self) -> None:
+        """Until a signal arrives, then ready for the next one."""
+        await self._event.wait()
+        self._event = asyncio.Event()
+
+    def next_event(self) -> asyncio.Event:
+        """The event the next signal sets."""
+        return self._event

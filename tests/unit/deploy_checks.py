@@ -36,6 +36,8 @@ TRITON_PROBE_PATHS = {
 PENDING_SETTINGS: set[str] = set()
 # Settings that name a Service of the deployment as [scheme://]host:port[/...].
 SERVICE_URL_SETTINGS = ("RANKER_TRITON_URL", "RANKER_PROFILE_STORE")
+# gRPC core spreads max_connection_age by ±10%, so the last connection can live 1.1× the age.
+CONNECTION_AGE_JITTER = 1.1
 
 _DURATION = {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"}
 # kubernetes-validate has no schema for custom resources; each is checked against the part of its
@@ -292,8 +294,16 @@ def check_ranker(m: Manifests, where: str, container: Obj, env: dict[str, str], 
     for probe_kind in PROBES:
         if container.get(probe_kind, {}).get("grpc", {}).get("port") != settings.port:
             problems.append(f"{where}: {probe_kind} must be a grpc probe on RANKER_PORT {settings.port}")
-    if grace <= prestop_sleep(container) + settings.grace_s:
-        problems.append(f"{where}: terminationGracePeriodSeconds {grace} <= preStop + RANKER_GRACE_S")
+    if grace <= prestop_sleep(container) + settings.drain_s + settings.grace_s:
+        problems.append(f"{where}: terminationGracePeriodSeconds {grace} <= preStop + RANKER_DRAIN_S + RANKER_GRACE_S")
+    if settings.drain_s + prestop_sleep(container) == 0:
+        problems.append(f"{where}: no RANKER_DRAIN_S: calls that arrive as the pod stops would come back CANCELLED")
+    age = settings.max_connection_age_s
+    if age is not None and settings.drain_s < age * CONNECTION_AGE_JITTER:
+        problems.append(
+            f"{where}: RANKER_DRAIN_S {settings.drain_s} < RANKER_MAX_CONNECTION_AGE_S {age} plus its jitter: "
+            "connections younger than the drain would still be open at the stop"
+        )
     mounts = [mount["mountPath"].rstrip("/") + "/" for mount in container.get("volumeMounts", [])]
     if settings.triton_models != "push":
         problems.append(

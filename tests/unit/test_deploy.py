@@ -182,7 +182,11 @@ MUTATIONS: dict[str, tuple[str, str, list[str | int], object, str]] = {
     ),
     "grace period shorter than the drain": (
         "Deployment", "ranker", ["spec", "template", "spec", "terminationGracePeriodSeconds"], 12,
-        "terminationGracePeriodSeconds 12.0 <= preStop + RANKER_GRACE_S",
+        "terminationGracePeriodSeconds 12.0 <= preStop + RANKER_DRAIN_S + RANKER_GRACE_S",
+    ),
+    "no drain before the stop": (*SETTINGS, ["data", "RANKER_DRAIN_S"], "0", "no RANKER_DRAIN_S"),
+    "drain shorter than the connection age": (
+        *SETTINGS, ["data", "RANKER_MAX_CONNECTION_AGE_S"], "11", "RANKER_DRAIN_S 12.0 < RANKER_MAX_CONNECTION_AGE_S",
     ),
     "replicas next to an hpa": (
         "Deployment", "ranker", ["spec", "replicas"], 3, "sets replicas the HPA owns",
