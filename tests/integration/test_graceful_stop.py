@@ -63,9 +63,7 @@ async def load(target: str, stop: asyncio.Event) -> tuple[Counter[str], list[flo
     return codes, successes
 
 
-def test_sigterm_under_load_fails_no_call(
-    example_release: Path, triton: LocalTritonServer, tmp_path: Path
-) -> None:
+def test_sigterm_under_load_fails_no_call(example_release: Path, triton: LocalTritonServer, tmp_path: Path) -> None:
     env = {"RANKER_DRAIN_S": str(DRAIN_S), "RANKER_MAX_CONNECTION_AGE_S": str(CONNECTION_AGE_S)}
     leaving = RankerProcess(example_release, triton.grpc_url, tmp_path / "a", env).start()
     staying = RankerProcess(example_release, triton.grpc_url, tmp_path / "b", env).start()
