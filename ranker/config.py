@@ -119,6 +119,11 @@ class Settings(BaseSettings):
         pattern=r"^(embedded|(redis|rediss|unix)://.*)$",
         description="'embedded' (sqlite file under state_dir/profiles) or a Redis URL, e.g. redis://host:6379/0",
     )
+    profile_store_password_file: FilePath | None = Field(
+        default=None,
+        description="file holding the Redis profile store's password (AUTH), read at start-up: keeps it out of "
+        "RANKER_PROFILE_STORE, which is logged",
+    )
     profile_ttl_s: float = Field(default=30 * 86400.0, ge=60, description="a profile expires this after its last event")
     profile_half_life_s: float = Field(default=7 * 86400.0, gt=0, description="an event's weight halves this often")
     profile_timeout_s: float = Field(

@@ -69,6 +69,10 @@ class BackendFailed(BackendError):
     """The dependency answered with an error."""
 
 
+class BackendRefused(BackendFailed):
+    """The dependency refused this server's credentials: a setting to fix, not a fault that passes."""
+
+
 STATUS_CODES: dict[type[RankerError], grpc.StatusCode] = {
     RankerError: grpc.StatusCode.INTERNAL,
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -81,6 +85,7 @@ STATUS_CODES: dict[type[RankerError], grpc.StatusCode] = {
     CircuitOpen: grpc.StatusCode.UNAVAILABLE,
     BackendTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
     BackendFailed: grpc.StatusCode.UNAVAILABLE,
+    BackendRefused: grpc.StatusCode.UNAVAILABLE,
 }
 
 

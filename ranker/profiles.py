@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import sqlite3
 import struct
 import threading
@@ -40,7 +41,7 @@ import numpy as np
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 
-from ranker.errors import BackendFailed, BackendTimeout, BackendUnavailable
+from ranker.errors import BackendFailed, BackendRefused, BackendTimeout, BackendUnavailable
 from ranker.events import TYPE_WEIGHTS, Event, EventType
 
 if TYPE_CHECKING:
@@ -444,6 +445,8 @@ def _redis_errors() -> Iterator[None]:
         yield
     except redis_errors.TimeoutError as e:
         raise BackendTimeout("redis", "no answer in time") from e
+    except redis_errors.AuthenticationError as e:
+        raise BackendRefused("redis", f"authentication refused (RANKER_PROFILE_STORE_PASSWORD_FILE): {e}") from e
     except redis_errors.ConnectionError as e:
         raise BackendUnavailable("redis", f"cannot reach the server: {e}") from e
     except redis_errors.RedisError as e:
@@ -485,8 +488,9 @@ class RedisProfileStore:
         self._clock = clock
 
     @classmethod
-    def from_url(cls, url: str, *, timeout_s: float, **kwargs: Any) -> RedisProfileStore:
-        client = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    def from_url(cls, url: str, *, timeout_s: float, password: str | None = None, **kwargs: Any) -> RedisProfileStore:
+        extra: dict[str, Any] = {} if password is None else {"password": password}
+        client = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, **extra)
         return cls(client, **kwargs)
 
     def _keys(self, user_id: str) -> tuple[str, str]:
@@ -565,14 +569,28 @@ def open_store(
     dedup_ttl_s: float,
     timeout_s: float,
     max_event_ids: int = 10_000,
+    password: str | None = None,
 ) -> EmbeddedProfileStore | RedisProfileStore:
-    """The store a RANKER_PROFILE_STORE value names: "embedded" (a file in state_dir) or a redis:// URL."""
+    """The store a RANKER_PROFILE_STORE value names: "embedded" (a file in state_dir) or a redis:// URL
+    (`password`, when given, replaces any password in the URL)."""
     if location == "embedded":
+        if password is not None:
+            raise ValueError("a profile store password needs a Redis profile store, not 'embedded'")
         return EmbeddedProfileStore(
             state_dir.expanduser() / "profiles" / "profiles.sqlite3", ttl_s=ttl_s, dedup_ttl_s=dedup_ttl_s
         )
     if location.startswith(("redis://", "rediss://", "unix://")):
         return RedisProfileStore.from_url(
-            location, timeout_s=timeout_s, ttl_s=ttl_s, dedup_ttl_s=dedup_ttl_s, max_event_ids=max_event_ids
+            location,
+            timeout_s=timeout_s,
+            password=password,
+            ttl_s=ttl_s,
+            dedup_ttl_s=dedup_ttl_s,
+            max_event_ids=max_event_ids,
         )
-    raise ValueError(f"profile store must be 'embedded' or a redis:// URL, got {location!r}")
+    raise ValueError(f"profile store must be 'embedded' or a redis:// URL, got {redacted(location)!r}")
+
+
+def redacted(url: str) -> str:
+    """`url` with any password in it replaced by ***, for logs and errors."""
+    return re.sub(r"^([a-z]+://[^:@/]*):[^@/]*@", r"\1:***@", url)

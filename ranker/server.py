@@ -20,7 +20,7 @@ from ranker import observability, privacy, profiles, security, tracing
 from ranker.catalog_journal import JournalError
 from ranker.config import Settings
 from ranker.domain import RankQuery
-from ranker.errors import BackendError, NotConfigured, NotFound
+from ranker.errors import BackendError, BackendRefused, NotConfigured, NotFound
 from ranker.live_catalog import CatalogUpdates, LiveCatalog, item_tokenizer
 from ranker.models import ONNX_FILE, CachedEncoder, Encoder, OnnxScorer, QueryTokenizer, Scorer
 from ranker.personal import Personalizer
@@ -205,6 +205,7 @@ async def open_personalizer(settings: Settings) -> Personalizer | None:
     An embedded store that cannot be opened in the default state directory turns profiles off (Rank with a
     user_id answers UNAVAILABLE personalisation, RecordEvents FAILED_PRECONDITION) rather than stopping the
     server; one configured explicitly must open. An unreachable Redis is only logged: it may come back."""
+    location = profiles.redacted(settings.profile_store)
     try:
         store = profiles.open_store(
             settings.profile_store,
@@ -213,15 +214,21 @@ async def open_personalizer(settings: Settings) -> Personalizer | None:
             dedup_ttl_s=settings.event_dedup_ttl_s,
             timeout_s=max(settings.profile_timeout_s, 1.0),
             max_event_ids=settings.event_dedup_max_ids,
+            password=read_secret(settings.profile_store_password_file, "profile_store_password_file"),
         )
+    except ValueError as e:
+        raise SystemExit(f"cannot open the profile store {location!r}: {e}") from e
     except (BackendError, OSError) as e:
         if {"state_dir", "profile_store"} & settings.model_fields_set:
-            raise SystemExit(f"cannot open the profile store {settings.profile_store!r}: {e}") from e
+            raise SystemExit(f"cannot open the profile store {location!r}: {e}") from e
         log.error("user profiles are off: %s (set RANKER_STATE_DIR or RANKER_PROFILE_STORE)", e)
         return None
     if isinstance(store, profiles.RedisProfileStore):
         try:
             await store.ping()
+        except BackendRefused as e:
+            await store.close()
+            raise SystemExit(f"cannot open the profile store {location!r}: {e}") from e
         except BackendError as e:
             log.warning("profile store not reachable yet, Rank answers without profiles until it is: %s", e)
     log.info("user profiles in %s", "redis" if isinstance(store, profiles.RedisProfileStore) else store.path)
@@ -230,6 +237,20 @@ async def open_personalizer(settings: Settings) -> Personalizer | None:
         config=profiles.ProfileConfig(half_life_s=settings.profile_half_life_s),
         timeout_s=settings.profile_timeout_s,
     )
+
+
+def read_secret(path: Path | None, setting: str) -> str | None:
+    """A one-line secret from a file (a mounted Secret), without its trailing newline; SystemExit when the file
+    is unreadable or empty, naming the setting and never the content."""
+    if path is None:
+        return None
+    try:
+        secret = path.read_text(encoding="utf-8").rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"{setting}: cannot read {path}: {e}") from e
+    if not secret:
+        raise SystemExit(f"{setting}: {path} is empty")
+    return secret
 
 
 async def live_catalog(ranker: Ranker, settings: Settings) -> LiveCatalog:

@@ -23,19 +23,21 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _pong(port: int) -> bool:
+def _pong(port: int, password: str | None = None) -> bool:
+    """PING answered; a server with a password answers -NOAUTH, which also says it is up."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
             s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
+            return s.recv(16).startswith((b"+PONG", b"-NOAUTH") if password else b"+PONG")
     except OSError:
         return False
 
 
 class RedisServer:
-    def __init__(self, directory: Path, binary: str) -> None:
+    def __init__(self, directory: Path, binary: str, *, password: str | None = None) -> None:
         self.directory = directory
         self.binary = binary
+        self.password = password
         self.port = 0
         self.log = directory / "redis.log"
         self._process: subprocess.Popen[bytes] | None = None
@@ -55,12 +57,14 @@ class RedisServer:
             "--dir", str(self.directory),
             "--logfile", str(self.log),
         ]  # fmt: skip
+        if self.password is not None:
+            command += ["--requirepass", self.password]
         self._process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
                 raise AssertionError(f"redis-server exited with {self._process.returncode}: {self._log_tail()}")
-            if _pong(self.port):
+            if _pong(self.port, self.password):
                 return
             time.sleep(0.05)
         self.stop()

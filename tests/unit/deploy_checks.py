@@ -38,6 +38,10 @@ PENDING_SETTINGS: set[str] = set()
 SERVICE_URL_SETTINGS = ("RANKER_TRITON_URL", "RANKER_PROFILE_STORE")
 # gRPC core spreads max_connection_age by ±10%, so the last connection can live 1.1× the age.
 CONNECTION_AGE_JITTER = 1.1
+# Secrets the operator makes (docs/deploy.md), never the manifests, and the keys the pods read from them.
+EXTERNAL_SECRETS = {"ranker-secrets": {"auth-tokens", "user-ref-key", "redis-password"}}
+# Settings that name a file which must exist at start-up: in the manifests, a key of a mounted Secret.
+FILE_SETTINGS = {name for name, f in Settings.model_fields.items() if "path_type='file'" in repr(f.annotation)}
 
 _DURATION = {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"}
 # kubernetes-validate has no schema for custom resources; each is checked against the part of its
@@ -215,6 +219,10 @@ def check_pods(m: Manifests) -> list[str]:
         grace = float(spec.get("terminationGracePeriodSeconds", 30))
         for container in spec.get("initContainers", []):
             problems += check_container_refs(m, f"{workload} init container {container['name']}", container, volumes)
+        for volume in spec.get("volumes", []):
+            secret = volume.get("secret", {}).get("secretName")
+            if secret is not None and secret not in EXTERNAL_SECRETS and secret not in m.of("Secret"):
+                problems.append(f"{workload}: volume {volume['name']}: Secret {secret} is made by no one")
         for container in spec["containers"]:
             where = f"{workload} container {container['name']}"
             problems += check_container_refs(m, where, container, volumes)
@@ -222,7 +230,8 @@ def check_pods(m: Manifests) -> list[str]:
                 problems += check_triton(where, container, grace)
             env = m.container_env(container)
             if any(k.startswith(ENV_PREFIX) for k in env):
-                problems += check_ranker(m, where, container, env, grace)
+                secret_files = mounted_secret_files(container, spec.get("volumes", []))
+                problems += check_ranker(m, where, container, env, grace, secret_files)
     return problems
 
 
@@ -240,6 +249,9 @@ def check_container_refs(m: Manifests, where: str, container: Obj, volumes: set[
         ref = var.get("valueFrom", {}).get("configMapKeyRef")
         if ref and ref["key"] not in config_maps.get(ref["name"], {}).get("data", {}):
             problems.append(f"{where}: env {var['name']} refers to missing {ref['name']}/{ref['key']}")
+        ref = var.get("valueFrom", {}).get("secretKeyRef")
+        if ref and ref["key"] not in EXTERNAL_SECRETS.get(ref["name"], set()):
+            problems.append(f"{where}: env {var['name']} refers to Secret key {ref['name']}/{ref['key']} no one makes")
     for probe_kind in PROBES:
         probe = container.get(probe_kind, {})
         action = next((probe[a] for a in ("httpGet", "tcpSocket", "grpc") if a in probe), None)
@@ -276,16 +288,39 @@ def check_triton(where: str, container: Obj, grace: float) -> list[str]:
     return problems
 
 
-def check_ranker(m: Manifests, where: str, container: Obj, env: dict[str, str], grace: float) -> list[str]:
+def mounted_secret_files(container: Obj, volumes: list[Obj]) -> set[str]:
+    """The paths at which `container` sees the keys of the operator-made Secrets it mounts."""
+    secrets = {v["name"]: v["secret"]["secretName"] for v in volumes if "secret" in v}
+    return {
+        f"{mount['mountPath'].rstrip('/')}/{key}"
+        for mount in container.get("volumeMounts", [])
+        if mount["name"] in secrets
+        for key in EXTERNAL_SECRETS.get(secrets[mount["name"]], set())
+    }
+
+
+def check_ranker(
+    m: Manifests, where: str, container: Obj, env: dict[str, str], grace: float, secret_files: set[str]
+) -> list[str]:
     fields = {ENV_PREFIX + f.upper(): f for f in Settings.model_fields}
     unknown = sorted(k for k in env if k.startswith(ENV_PREFIX) and k not in fields.keys() | PENDING_SETTINGS)
     if unknown:
         return [f"{where}: not settings of ranker.config.Settings: {unknown}"]
+    values = {fields[k]: v for k, v in env.items() if k in fields}
+    problems = [
+        f"{where}: {ENV_PREFIX}{name.upper()}={values[name]} is no key of a mounted Secret"
+        for name in sorted(FILE_SETTINGS & values.keys())
+        if values[name] not in secret_files
+    ]
+    # The files exist only in the pod: validate the rest with a file that exists here.
     try:
-        settings = Settings.model_validate({fields[k]: v for k, v in env.items() if k in fields})
+        settings = Settings.model_validate({**values, **dict.fromkeys(FILE_SETTINGS & values.keys(), __file__)})
     except ValueError as e:
-        return [f"{where}: settings do not validate: {e}"]
-    problems = []
+        return [*problems, f"{where}: settings do not validate: {e}"]
+    if settings.auth_token_file is None and settings.auth_tokens is None:
+        problems.append(f"{where}: no RANKER_AUTH_TOKEN_FILE: mutating and admin RPCs would be open to anyone")
+    if settings.profile_store.startswith("redis") and settings.profile_store_password_file is None:
+        problems.append(f"{where}: no RANKER_PROFILE_STORE_PASSWORD_FILE: Redis requires its password")
     metrics_port = int(env.get("RANKER_METRICS_PORT", "9464"))
     if container_port(container, "grpc") != settings.port:
         problems.append(f"{where}: container port grpc != RANKER_PORT {settings.port}")

@@ -145,6 +145,7 @@ def test_cpu_overlay_needs_no_custom_resource_definitions() -> None:
 
 CONTAINER: list[str | int] = ["spec", "template", "spec", "containers", 0]
 SETTINGS = ("ConfigMap", "ranker-settings")
+DELETE = object()  # as a new value: remove the entry
 # name: (kind, object name, path in the object, new value, expected problem text)
 MUTATIONS: dict[str, tuple[str, str, list[str | int], object, str]] = {
     "service selector typo": (
@@ -207,6 +208,22 @@ MUTATIONS: dict[str, tuple[str, str, list[str | int], object, str]] = {
         "NetworkPolicy", "redis", ["spec", "ingress", 0, "ports", 0, "port"], "http", "NetworkPolicy redis: port http",
     ),
     "unknown setting": (*SETTINGS, ["data", "RANKER_TOP_K"], "10", "RANKER_TOP_K"),
+    "no token file": (*SETTINGS, ["data", "RANKER_AUTH_TOKEN_FILE"], DELETE, "no RANKER_AUTH_TOKEN_FILE"),
+    "token file outside the secret": (
+        *SETTINGS, ["data", "RANKER_AUTH_TOKEN_FILE"], "/etc/ranker/tokens",
+        "RANKER_AUTH_TOKEN_FILE=/etc/ranker/tokens is no key of a mounted Secret",
+    ),
+    "no redis password": (
+        *SETTINGS, ["data", "RANKER_PROFILE_STORE_PASSWORD_FILE"], DELETE, "no RANKER_PROFILE_STORE_PASSWORD_FILE",
+    ),
+    "secret volume of an unknown secret": (
+        "Deployment", "ranker", ["spec", "template", "spec", "volumes", 1, "secret", "secretName"], "ranker-secret",
+        "Secret ranker-secret is made by no one",
+    ),
+    "redis password from an unknown key": (
+        "StatefulSet", "redis", [*CONTAINER, "env", 0, "valueFrom", "secretKeyRef", "key"], "password",
+        "Secret key ranker-secrets/password no one makes",
+    ),
     "invalid setting value": (*SETTINGS, ["data", "RANKER_GRACE_S"], "soon", "grace_s"),
     "triton url on the wrong port": (
         *SETTINGS, ["data", "RANKER_TRITON_URL"], "triton:9001", "RANKER_TRITON_URL=triton:9001",
@@ -228,7 +245,10 @@ def test_cross_check_reports_a_broken_manifest(mutation: str) -> None:
     node: Any = find(objects, kind, name)
     for part in path[:-1]:
         node = node[part]
-    node[path[-1]] = value
+    if value is DELETE:
+        del node[path[-1]]
+    else:
+        node[path[-1]] = value
     problems = cross_check(objects)
     assert any(expected in p for p in problems), problems
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ranker.errors import BackendError
+from ranker.config import Settings
+from ranker.errors import BackendError, BackendRefused
 from ranker.events import Event, EventType
 from ranker.personal import Personalizer
 from ranker.profiles import (
@@ -23,7 +24,10 @@ from ranker.profiles import (
     RedisProfileStore,
     apply_events,
     open_store,
+    redacted,
 )
+from ranker.server import open_personalizer, read_secret
+from tests.redis_server import INSTALL_HINT, RedisServer, redis_binary
 from tests.unit.fakes import tiny_release
 
 DAY = 86400.0
@@ -332,3 +336,60 @@ def test_open_store_reads_the_setting(tmp_path: Path) -> None:
                       RedisProfileStore)  # fmt: skip
     with pytest.raises(ValueError, match="embedded"):
         open_store("memcached://h", state_dir=tmp_path, ttl_s=60, dedup_ttl_s=60, timeout_s=1)
+
+
+def test_redis_with_a_password(tmp_path: Path) -> None:
+    """A Redis that requires AUTH: the password from the setting opens it; none, or a wrong one, is refused as a
+    credential problem (the server stops at start-up), not as an outage it would wait out."""
+    binary = redis_binary()
+    if binary is None:
+        pytest.fail(f"redis-server is not installed: {INSTALL_HINT}")
+    server = RedisServer(tmp_path, binary, password="correct-horse-battery")
+    server.start()
+
+    def opened(password: str | None) -> RedisProfileStore:
+        store = open_store(server.url, state_dir=tmp_path, ttl_s=60, dedup_ttl_s=60, timeout_s=2, password=password)
+        assert isinstance(store, RedisProfileStore)
+        return store
+
+    async def scenario() -> None:
+        store = opened("correct-horse-battery")
+        await store.ping()
+        await store.record({"u1": [event("d1", eid="e1")]}, update)
+        assert await store.get("u1") is not None
+        await store.close()
+        for password in (None, "wrong-password"):
+            store = opened(password)
+            with pytest.raises(BackendRefused, match="authentication refused"):
+                await store.ping()
+            await store.close()
+
+    async def starting(password: str) -> None:
+        (tmp_path / "redis-password").write_text(password + "\n")
+        settings = Settings(profile_store=server.url, profile_store_password_file=tmp_path / "redis-password")
+        personalizer = await open_personalizer(settings)
+        assert personalizer is not None
+        await personalizer.store.close()
+
+    try:
+        asyncio.run(scenario())
+        asyncio.run(starting("correct-horse-battery"))  # the file's trailing newline is not the password's
+        with pytest.raises(SystemExit, match="authentication refused") as refused:
+            asyncio.run(starting("wrong-password"))
+        assert "wrong-password" not in str(refused.value)
+        (tmp_path / "empty").write_text("\n")
+        with pytest.raises(SystemExit, match=r"profile_store_password_file: .* is empty"):
+            read_secret(tmp_path / "empty", "profile_store_password_file")
+    finally:
+        server.stop()
+
+
+def test_a_password_needs_redis_and_urls_are_redacted(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="needs a Redis profile store"):
+        open_store("embedded", state_dir=tmp_path, ttl_s=60, dedup_ttl_s=60, timeout_s=1, password="p")
+    assert redacted("redis://:s3cret@redis:6379/0") == "redis://:***@redis:6379/0"
+    assert redacted("rediss://ranker:s3cret@redis:6380/1") == "rediss://ranker:***@redis:6380/1"
+    assert redacted("redis://redis:6379/0") == "redis://redis:6379/0"
+    with pytest.raises(ValueError) as refused:
+        open_store("memcached://u:s3cret@h", state_dir=tmp_path, ttl_s=60, dedup_ttl_s=60, timeout_s=1)
+    assert "s3cret" not in str(refused.value)
