@@ -156,11 +156,14 @@ def profile_candidates(
     k: int,
     allowed: np.ndarray | None,
     include: np.ndarray,
+    near: np.ndarray | None = None,
 ) -> Candidates:
     """Recommendations (no query): the k items nearest the centroid (ANN) and the k strongest neighbours of
-    the latest items. `dense` on the candidates is their cosine to the centroid; there is no lexical signal."""
-    direction = _unit(profile.centroid) if len(profile.centroid) == items.embeddings.shape[1] else None
-    near = dense.search(direction, k, allowed) if direction is not None else np.zeros(0, dtype=np.int64)
+    the latest items. `dense` on the candidates is their cosine to the centroid; there is no lexical signal.
+    `near`: the ANN rows when the caller searched already (a remote engine, searched off the event loop)."""
+    direction = profile_direction(profile, items)
+    if near is None:
+        near = dense.search(direction, k, allowed) if direction is not None else np.zeros(0, dtype=np.int64)
     behavioural = np.zeros(0, dtype=np.int64)
     recent, g = _recent_rows(profile, items, weights)
     if neighbours is not None and len(recent):
@@ -168,6 +171,12 @@ def profile_candidates(
     rows = union_rows(near, behavioural, include)
     cosine = dense.similarities(direction, rows) if direction is not None else np.zeros(len(rows), dtype=np.float32)
     return Candidates(rows, cosine, np.zeros(len(rows), dtype=np.float32), near, behavioural)
+
+
+def profile_direction(profile: Profile, items: ItemSpace) -> np.ndarray | None:
+    """The unit centroid of the profile's items, what recommendations search near; None when it has none in
+    this item space's dimension."""
+    return _unit(profile.centroid) if len(profile.centroid) == items.embeddings.shape[1] else None
 
 
 def popular_candidates(popularity: np.ndarray, k: int, allowed: np.ndarray | None, include: np.ndarray) -> Candidates:

@@ -21,7 +21,13 @@ from ranker import blending, diversity, features, rules, tracing
 from ranker.domain import DiversitySpec, Personalization, RankQuery, RankResult, Rule, ScoreComponent, ScoredItem
 from ranker.errors import BackendError, BackendFailed, BackendTimeout, CircuitOpen, InvalidArgument
 from ranker.models import Encoder, QueryTokenizer, Scorer
-from ranker.personal import Personalizer, personal_scores, popular_candidates, profile_candidates
+from ranker.personal import (
+    Personalizer,
+    personal_scores,
+    popular_candidates,
+    profile_candidates,
+    profile_direction,
+)
 from ranker.profiles import ItemSpace, Profile
 from ranker.release import Catalog, Manifest, Release
 from ranker.retrieval import Candidates, LexicalHits, union_rows
@@ -138,7 +144,7 @@ class Ranker:
                 encoding.exception()  # marks a failed encode as seen, so asyncio does not log it as lost
         personal = profile if personalization is Personalization.APPLIED else None
         with watch.stage("retrieve"):
-            dense = await self._dense(query, embedding, allowed, _left(deadline, timeout), degraded)
+            dense = await self._dense(query, embedding, allowed, _left(deadline, timeout), degraded, personal)
             candidates = self._candidates(query, query_tokens, embedding, allowed, pins, personal, lexical, dense)
         with watch.stage("features"):
             if embedding is None:  # the ranker will not run (see _score): no features to compute
@@ -204,8 +210,11 @@ class Ranker:
         bought[[catalog.row_of[i] for i in profile.purchased if i in catalog.row_of]] = True
         return bought if excluded is None else excluded | bought
 
-    def _recommendations(self, allowed: np.ndarray | None, include: np.ndarray, profile: Profile | None) -> Candidates:
-        """Candidates without a query: from the profile, or (cold start) the most popular items."""
+    def _recommendations(
+        self, allowed: np.ndarray | None, include: np.ndarray, profile: Profile | None, near: np.ndarray | None
+    ) -> Candidates:
+        """Candidates without a query: from the profile (`near`: a vector engine's rows, searched already), or
+        (cold start) the most popular items."""
         depth = self.settings.dense_k
         if profile is not None and self.personalizer is not None:
             return profile_candidates(
@@ -217,6 +226,7 @@ class Ranker:
                 k=depth,
                 allowed=allowed,
                 include=include,
+                near=near,
             )
         catalog = self.release.catalog
         popularity = np.zeros(len(catalog))
@@ -253,7 +263,7 @@ class Ranker:
         catalog = self.release.catalog
         retriever = self.release.retriever
         if not query.candidate_ids and not query.query.strip():
-            return self._recommendations(allowed, np.array(include, dtype=np.int64), profile)
+            return self._recommendations(allowed, np.array(include, dtype=np.int64), profile, dense)
         if query.candidate_ids:
             rows = np.array([catalog.row_of[item_id] for item_id in query.candidate_ids], dtype=np.int64)
             if allowed is not None:
@@ -278,21 +288,32 @@ class Ranker:
         allowed: np.ndarray | None,
         timeout: float | None,
         degraded: list[str],
+        profile: Profile | None = None,
     ) -> np.ndarray | None:
-        """A vector engine's rows for a search with an embedding, asked on a worker thread within `timeout`; when
-        it fails, none, so the candidates are BM25's alone (their dense features still come from the release's
-        embeddings), and the answer says so. None otherwise: retrieve() searches an in-process index itself."""
+        """A vector engine's rows, asked on a worker thread within `timeout`: near the query's embedding for a
+        search, near the profile's centroid for recommendations. When the engine fails, none, so the candidates
+        are BM25's (or the behavioural neighbours') alone, their dense features still from the release's
+        embeddings, and the answer says so. None otherwise: the candidate stage searches an in-process index
+        itself."""
         dense, k = self.release.retriever.dense, self.settings.dense_k
-        if embedding is None or query.candidate_ids or not query.query.strip() or not dense.remote:
+        if not dense.remote or query.candidate_ids:
+            return None
+        if query.query.strip():
+            vector, fallback = embedding, "lexical candidates only"
+        elif profile is not None:
+            vector, fallback = profile_direction(profile, ItemSpace.of(self.release)), "behavioural candidates only"
+        else:
+            return None
+        if vector is None:
             return None
         try:
             try:
-                return await asyncio.wait_for(asyncio.to_thread(dense.search, embedding, k, allowed), timeout)
+                return await asyncio.wait_for(asyncio.to_thread(dense.search, vector, k, allowed), timeout)
             except TimeoutError as e:
                 raise BackendTimeout("vector_engine", f"no answer within {timeout:.3f} s") from e
         except BackendError as e:
-            log.warning("vector engine unavailable, answering from BM25 candidates: %s", e)
-            degraded.append(f"vector_engine {_failure(e)} ({type(e).__name__}): lexical candidates only")
+            log.warning("vector engine unavailable, answering without its candidates: %s", e)
+            degraded.append(f"vector_engine {_failure(e)} ({type(e).__name__}): {fallback}")
             return np.zeros(0, dtype=np.int64)
 
     def _lexical(self, query: RankQuery, tokens: list[str], allowed: np.ndarray | None) -> LexicalHits | None:

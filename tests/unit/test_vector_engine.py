@@ -19,15 +19,19 @@ from qdrant_client import QdrantClient
 
 from ranker import vector_engine
 from ranker.config import load_settings
-from ranker.domain import RankQuery
+from ranker.domain import Personalization, RankQuery
 from ranker.errors import BackendFailed, BackendTimeout, BackendUnavailable, NotFound
 from ranker.features import FEATURE_NAMES
+from ranker.neighbours import ItemNeighbours
 from ranker.observability import degraded_reason_codes
+from ranker.personal import Personalizer
 from ranker.pipeline import PipelineSettings, Ranker
+from ranker.profiles import EmbeddedProfileStore, ItemSpace
 from ranker.release import DENSE_INDEX, EMBEDDINGS, ITEMS, LEXICAL_DIR, MANIFEST, Release
 from ranker.retrieval import Analyzer, DenseIndex, DenseRetriever, HybridRetriever, LexicalIndex
 from ranker.vector_engine import QdrantDenseIndex
 from tests.unit import fakes
+from tests.unit.test_personal import make_ranker, purchases
 
 pytestmark = [
     # Local mode warns that search params (hnsw_ef) do nothing there (it is always exact) and that it
@@ -333,3 +337,33 @@ def test_rank_answers_from_bm25_candidates_when_the_engine_fails_or_is_slow(
         assert result.items and all({"cordless", "drill"} & set(titles[item.item_id]) for item in result.items)
         assert result.items[0].item_id.startswith("d")  # still ranked: the dense features come from embeddings
         client.close()
+
+
+def test_recommendations_answer_from_neighbours_when_the_engine_fails(
+    tmp_path: Path, fake_server: tuple[str, type[_Handler]]
+) -> None:
+    """No query, a profile: the engine's search near the profile runs off the event loop within the deadline,
+    and when it fails the behavioural neighbours still recommend (degraded, saying so)."""
+    url, handler = fake_server
+    handler.delay_s = 2.0
+    store = EmbeddedProfileStore(tmp_path / "p.sqlite3", ttl_s=3600, dedup_ttl_s=3600)
+    personalizer = Personalizer(store=store, timeout_s=1.0)
+    neighbours = ItemNeighbours.build([[5, 6], [5, 6], [0, 7]], num_items=8)  # p1 -> p2 bought together
+    healthy = make_ranker(personalizer, neighbours=neighbours)
+    embeddings = np.asarray(healthy.release.retriever.dense.embeddings)
+    query = RankQuery(request_id="r", query="", user_id="u1", top_k=3, exclude_purchased=True)
+
+    async def scenario() -> None:
+        await personalizer.record(ItemSpace.of(healthy.release), purchases("u1", ["p1"]))
+        for client, code in ((remote(unreachable_url()), "unavailable"), (remote(url), "timeout")):
+            dense = QdrantDenseIndex(client, "items", embeddings, num_items=len(embeddings))
+            retriever = HybridRetriever(dense, healthy.release.retriever.lexical)
+            ranker = healthy.with_release(dataclasses.replace(healthy.release, retriever=retriever))
+            result, seconds = await timed(ranker.rank(query, timeout=0.3))
+            assert seconds < 0.6
+            assert result.degraded and degraded_reason_codes(result.degraded_reason) == [f"vector_engine_{code}"]
+            assert "behavioural candidates only" in result.degraded_reason
+            assert result.personalization is Personalization.APPLIED and result.items[0].item_id == "p2"
+            client.close()
+
+    asyncio.run(scenario())
