@@ -62,6 +62,12 @@ class Settings(BaseSettings):
     triton_load_timeout_s: float = Field(
         default=300.0, gt=0, description="limit for loading one model into Triton (a release swap, the start)"
     )
+    release_verify: Literal["none", "models", "all"] = Field(
+        default="models",
+        description="what a release load checks against the manifest's sha256s: models (the Triton models, "
+        "tokenizer and policy; a fraction of a second), all (the index and vectors too: seconds at 1M items), "
+        "none (only that every file is there)",
+    )
     release_drain_s: float = Field(
         default=30.0, ge=0, description="a release swap waits this long for the old release's in-flight RPCs"
     )

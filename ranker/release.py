@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import polars as pl
@@ -102,6 +102,34 @@ class Manifest:
             items=int(data["index"]["items"]),
             raw=data,
         )
+
+
+# What Release.load checks against the manifest's sha256s: "models" (the default) the files Triton and the
+# tokenizer run, and the policy: megabytes, a fraction of a second; "all" every file, the index and the
+# vectors too (about 3 GB at 1M items, seconds of CPU per start or swap); "none" only that each file is there.
+VerifyLevel = Literal["none", "models", "all"]
+VERIFIED_FOR_MODELS = ("triton_models/", "tokenizer/", "policy.toml")
+
+
+def verify_files(path: Path, manifest: Manifest, level: VerifyLevel) -> None:
+    """NotFound naming the first files that are missing, or whose sha256 differs from the manifest's."""
+    files: dict[str, str] = manifest.raw.get("files") or {}
+    missing = sorted(name for name in files if not (path / name).is_file())
+    if missing:  # e.g. an int8 encoder the CPU config names, gone: the release was damaged after export
+        raise NotFound(f"release {manifest.release_id} at {path} lacks files its manifest lists: {_some(missing)}")
+    if level == "none":
+        return
+    checked = sorted(name for name in files if level == "all" or name.startswith(VERIFIED_FOR_MODELS))
+    changed = [name for name in checked if sha256_file(path / name) != files[name]]
+    if changed:
+        raise NotFound(
+            f"release {manifest.release_id} at {path} was changed after export: the sha256 of {_some(changed)} "
+            "differs from its manifest"
+        )
+
+
+def _some(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
 def sha256_file(path: Path) -> str:
@@ -267,18 +295,17 @@ class Release:
         policy_override: Path | None = None,
         dense_backend: str = "faiss",
         vector_engine_url: str | None = None,
+        verify: VerifyLevel = "models",
     ) -> Release:
         """Load a release; the policy is `policy_override`, else the release's policy.toml, else the default.
 
         The dense retriever is the release's FAISS index, or with `dense_backend="qdrant"` the release's
-        collection at `vector_engine_url` (see ranker.vector_engine).
+        collection at `vector_engine_url` (see ranker.vector_engine). Every file the manifest lists must be
+        there, and those `verify` names must have the manifest's sha256 (see VerifyLevel).
         """
         path = Path(path).resolve()
         manifest = read_manifest(path)
-        missing = sorted(name for name in manifest.raw.get("files") or {} if not (path / name).is_file())
-        if missing:  # e.g. an int8 encoder the CPU config names, gone: the release was damaged after export
-            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-            raise NotFound(f"release {manifest.release_id} at {path} lacks files its manifest lists: {shown}")
+        verify_files(path, manifest, verify)
         if manifest.features != FEATURE_NAMES:
             raise NotFound(
                 f"release {manifest.release_id} was trained on features {list(manifest.features)}, "

@@ -306,6 +306,7 @@ def load_release(settings: Settings, path: Path) -> Release:
         policy_override=settings.policy_file,
         dense_backend=settings.dense_backend,
         vector_engine_url=settings.vector_engine_url,
+        verify=settings.release_verify,
     )
 
 

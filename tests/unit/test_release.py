@@ -1,14 +1,15 @@
-"""Loading a release: what its manifest promises must be there."""
+"""Loading a release: what its manifest promises must be there, unchanged."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import polars as pl
 import pytest
 
 from ranker.errors import NotFound
-from ranker.release import MANIFEST, Release
+from ranker.release import MANIFEST, Release, sha256_file
 from tests.unit import fakes
 from tests.unit.test_vector_engine import random_unit, write_release
 
@@ -23,3 +24,28 @@ def test_a_release_missing_a_file_its_manifest_lists_is_not_found(tmp_path: Path
     del manifest["files"]["triton_models/text_encoder/1/model.int8.onnx"]
     (directory / MANIFEST).write_text(json.dumps(manifest))
     assert len(Release.load(directory).catalog) == len(fakes.ITEMS)
+
+
+def test_a_release_changed_after_export_is_refused_as_far_as_verify_checks(tmp_path: Path) -> None:
+    directory = write_release(tmp_path / "release", random_unit(len(fakes.ITEMS), 16))
+    model = directory / "triton_models" / "ranker" / "1" / "model.onnx"
+    model.parent.mkdir(parents=True)
+    model.write_bytes(b"exported model")
+    manifest = json.loads((directory / MANIFEST).read_text())
+    names = ["items.parquet", "triton_models/ranker/1/model.onnx"]
+    manifest["files"] = {name: sha256_file(directory / name) for name in names}
+    (directory / MANIFEST).write_text(json.dumps(manifest))
+    for level in ("none", "models", "all"):
+        assert len(Release.load(directory, verify=level).catalog) == len(fakes.ITEMS)
+
+    model.write_bytes(b"exported modem")  # one byte flipped, on disk or in transit
+    with pytest.raises(NotFound, match=r"changed after export: the sha256 of triton_models/ranker/1/model\.onnx"):
+        Release.load(directory)
+    Release.load(directory, verify="none")
+
+    model.write_bytes(b"exported model")
+    items = pl.read_parquet(directory / "items.parquet")
+    items.with_columns(pl.col("price") * 2).write_parquet(directory / "items.parquet")
+    Release.load(directory)  # the default checks the models, not the catalog and indexes
+    with pytest.raises(NotFound, match=r"the sha256 of items\.parquet differs"):
+        Release.load(directory, verify="all")
