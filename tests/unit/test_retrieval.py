@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ranker import retrieval
 from ranker.config import Settings
 from ranker.retrieval import (
     EF_SEARCH,
@@ -56,6 +57,25 @@ def test_hnsw_matches_exact_search_and_honours_the_mask() -> None:
     for index in (hnsw, flat):
         hits = index.search(q, 20, allowed)
         assert len(hits) == 20 and all(h % 2 == 1 for h in hits)
+
+
+@pytest.mark.parametrize("exact_rows", [retrieval.EXACT_FILTER_ROWS, 0])
+def test_a_selective_filter_still_finds_every_allowed_item(monkeypatch: pytest.MonkeyPatch, exact_rows: int) -> None:
+    """A graph walk with a selective filter misses allowed items: the few allowed rows are searched exactly
+    (the default), and a walk that comes back short falls back to that (exact_rows 0 forces the walk)."""
+    monkeypatch.setattr(retrieval, "EXACT_FILTER_ROWS", exact_rows)
+    emb = random_unit(30_000, 8, seed=3)
+    hnsw = DenseIndex.build(emb, hnsw_threshold=1000, hnsw_m=8, ef_construction=40)
+    flat = DenseIndex.build(emb, hnsw_threshold=10**9)
+    rng = np.random.default_rng(4)
+    for allowed_count in (1, 5, 40, 300):
+        allowed = np.zeros(len(emb), dtype=bool)
+        allowed[rng.choice(len(emb), allowed_count, replace=False)] = True
+        for q in random_unit(20, 8, seed=allowed_count):
+            want, got = flat.search(q, 200, allowed), hnsw.search(q, 200, allowed)
+            assert len(want) == len(got) == min(200, allowed_count) and allowed[got].all()
+            if exact_rows or allowed_count <= 200:  # searched exactly, directly or after a short walk
+                assert got.tolist() == want.tolist()
 
 
 def test_top_rows_orders_by_score_then_row() -> None:
