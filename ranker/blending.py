@@ -102,7 +102,7 @@ def apply_overrides(
     """The policy with per-request weights; raises InvalidArgument naming the offending weight."""
     result = dict(policy)
     for name, weight in sorted(overrides.items()):
-        field = f"blend.weights[{name!r}]"
+        field = f"blend.weights[{name[:64]!r}]"
         if name not in policy:
             raise InvalidArgument(field, f"unknown signal; known signals are {sorted(policy)}")
         if not math.isfinite(weight) or not 0.0 <= weight <= max_weight:

@@ -17,6 +17,11 @@ from __future__ import annotations
 import grpc
 
 
+# The longest INVALID_ARGUMENT message: each one names the field, the value and the limit, and a value is shown
+# in its first 64 characters, so only a bug comes near this.
+MAX_MESSAGE_CHARS = 2000
+
+
 class RankerError(Exception):
     """Base of every error the service raises on purpose."""
 
@@ -25,7 +30,10 @@ class InvalidArgument(RankerError):
     """A request field is out of its domain."""
 
     def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}" if field else message)
+        text = f"{field}: {message}" if field else message
+        if len(text) > MAX_MESSAGE_CHARS:  # the status travels in a trailer, and gRPC refuses one over 16 KiB
+            text = text[: MAX_MESSAGE_CHARS - 20] + f"… ({len(text)} chars)"
+        super().__init__(text)
         self.field = field
 
 

@@ -46,10 +46,11 @@ from pathlib import Path
 from typing import Any
 
 from ranker.blending import CATALOG_SIGNALS, COMPUTED_SIGNALS, DEFAULT_POLICY, Normalization, SignalPolicy
-from ranker.domain import RULE_FIELDS, DiversityMethod, DiversitySpec, Rule, RuleAction
+from ranker.domain import DEFAULT_STRENGTH, RULE_FIELDS, DiversityMethod, DiversitySpec, Rule, RuleAction
 from ranker.errors import InvalidArgument
 
 POLICY_FILE = "policy.toml"
+MAX_PIN_POSITION = 200  # a pin places its item within the first pages
 KNOWN_SIGNALS = COMPUTED_SIGNALS + CATALOG_SIGNALS
 
 
@@ -114,7 +115,7 @@ def _diversity(source: str, data: Mapping[str, Any]) -> DiversitySpec:
         raise InvalidArgument(f"{source}: diversity.method", f"must be one of {known}") from None
     return DiversitySpec(
         method=method,
-        strength=_number(source, "diversity.strength", data.get("strength", 0.0), 0.0, 1.0),
+        strength=_number(source, "diversity.strength", data.get("strength", DEFAULT_STRENGTH[method]), 0.0, 1.0),
         max_per_category=int(_number(source, "diversity.max_per_category", data.get("max_per_category", 0), 0, 200)),
         max_per_brand=int(_number(source, "diversity.max_per_brand", data.get("max_per_brand", 0), 0, 200)),
         window=int(_number(source, "diversity.window", data.get("window", 0), 0, 200)),
@@ -134,18 +135,28 @@ def make_rule(
 ) -> Rule:
     """One validated rule; `where` prefixes error messages (a file key or a request field)."""
     if field and field not in RULE_FIELDS:
-        raise InvalidArgument(f"{where}.field", f"must be one of {list(RULE_FIELDS)} or empty, got {field!r}")
+        raise InvalidArgument(f"{where}.field", f"must be one of {list(RULE_FIELDS)} or empty, got {field[:64]!r}")
+    if values and not field:
+        raise InvalidArgument(f"{where}.values", "values need a field to match them against")
     if action is RuleAction.PIN:
-        if len(item_ids) != 1 or field:
+        if field:
+            raise InvalidArgument(f"{where}.field", f"a pin names one item id, not a field, got {field!r}")
+        if len(item_ids) != 1:
             raise InvalidArgument(f"{where}.item_ids", f"a pin names exactly one item id, got {len(item_ids)}")
-        if not 1 <= position <= 200:
-            raise InvalidArgument(f"{where}.position", f"must be 1..200, got {position}")
-    elif bool(item_ids) == bool(field):
-        raise InvalidArgument(where, "give either item_ids or field with values")
-    elif field and not values:
-        raise InvalidArgument(f"{where}.values", f"at least one {field} value is needed")
-    if action in (RuleAction.BOOST, RuleAction.BURY) and not (math.isfinite(amount) and 0.0 < amount <= max_amount):
-        raise InvalidArgument(f"{where}.amount", f"must be in (0, {max_amount:g}], got {amount!r}")
+        if not 1 <= position <= MAX_PIN_POSITION:
+            raise InvalidArgument(f"{where}.position", f"must be 1..{MAX_PIN_POSITION}, got {position}")
+    else:
+        if position:
+            raise InvalidArgument(f"{where}.position", f"only a pin has a position, got {position} on a {action.value}")
+        if bool(item_ids) == bool(field):
+            raise InvalidArgument(where, "give either item_ids or field with values")
+        if field and not values:
+            raise InvalidArgument(f"{where}.values", f"at least one {field} value is needed")
+    if action in (RuleAction.BOOST, RuleAction.BURY):
+        if not (math.isfinite(amount) and 0.0 < amount <= max_amount):
+            raise InvalidArgument(f"{where}.amount", f"must be in (0, {max_amount:g}], got {amount!r}")
+    elif amount:
+        raise InvalidArgument(f"{where}.amount", f"only boost and bury have an amount, got {amount!r} on a {action.value}")
     return Rule(action=action, item_ids=item_ids, field=field, values=values, amount=amount, position=position)
 
 

@@ -74,6 +74,7 @@ _EVENT_TYPES = {
 MAX_ID_CHARS = 256
 MAX_CATEGORIES = 100
 MAX_RULES = 50
+MAX_RULE_ITEMS = 1000
 MAX_UPSERT_ITEMS = 1000
 MAX_DELETE_ITEMS = 10_000
 MAX_TITLE_CHARS = 1000
@@ -135,11 +136,15 @@ def _rules(request: ranker_pb2.RankRequest, row_of: Mapping[str, int], policy: P
         where = f"rules[{i}]"
         if rule.action not in _ACTIONS:
             raise InvalidArgument(f"{where}.action", f"must be one of {sorted(_ACTIONS)}, got {rule.action}")
+        if len(rule.item_ids) > MAX_RULE_ITEMS:
+            raise InvalidArgument(f"{where}.item_ids", f"at most {MAX_RULE_ITEMS} ids, got {len(rule.item_ids)}")
         for j, item_id in enumerate(rule.item_ids):
             if item_id not in row_of:
                 raise InvalidArgument(f"{where}.item_ids[{j}]", f"unknown item id {item_id[:64]!r}")
         if len(rule.values) > MAX_CATEGORIES:
             raise InvalidArgument(f"{where}.values", f"at most {MAX_CATEGORIES} values, got {len(rule.values)}")
+        for j, value in enumerate(rule.values):
+            _check_length(f"{where}.values[{j}]", value, MAX_ID_CHARS)
         result.append(
             make_rule(
                 where,
