@@ -10,12 +10,12 @@ RankerError
     ├── BackendUnavailable the dependency cannot be reached or is not ready
     ├── BackendTimeout     the dependency did not answer within the deadline
     └── BackendFailed      the dependency answered with an error
+        └── BackendRefused the dependency refused our credentials (a setting to fix)
 """
 
 from __future__ import annotations
 
 import grpc
-
 
 # The longest INVALID_ARGUMENT message: each one names the field, the value and the limit, and a value is shown
 # in its first 64 characters, so only a bug comes near this.

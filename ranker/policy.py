@@ -156,7 +156,9 @@ def make_rule(
         if not (math.isfinite(amount) and 0.0 < amount <= max_amount):
             raise InvalidArgument(f"{where}.amount", f"must be in (0, {max_amount:g}], got {amount!r}")
     elif amount:
-        raise InvalidArgument(f"{where}.amount", f"only boost and bury have an amount, got {amount!r} on a {action.value}")
+        raise InvalidArgument(
+            f"{where}.amount", f"only boost and bury have an amount, got {amount!r} on a {action.value}"
+        )
     return Rule(action=action, item_ids=item_ids, field=field, values=values, amount=amount, position=position)
 
 
