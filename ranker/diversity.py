@@ -14,10 +14,21 @@ import numpy as np
 from ranker.domain import DiversityMethod, DiversitySpec
 
 
-def _codes(values: Sequence[str | None]) -> np.ndarray:
-    """Integer code per value; -1 for unknown (never capped)."""
+def _codes(values: Sequence[str | None]) -> tuple[np.ndarray, dict[str, int]]:
+    """Integer code per value, -1 for unknown (never capped), and the code of each value."""
     index: dict[str, int] = {}
-    return np.array([-1 if v is None else index.setdefault(v, len(index)) for v in values], dtype=np.int64)
+    codes = np.array([-1 if v is None else index.setdefault(v, len(index)) for v in values], dtype=np.int64)
+    return codes, index
+
+
+@dataclass(frozen=True)
+class Placed:
+    """Items the list shows that the selection does not choose (pins): their final positions (1-based) and
+    their categories and brands, which count against the caps."""
+
+    positions: frozenset[int] = frozenset()
+    categories: Sequence[str | None] = ()
+    brands: Sequence[str | None] = ()
 
 
 @dataclass(frozen=True)
@@ -41,19 +52,29 @@ class _Caps:
     """Eligibility under per-category and per-brand caps, updated as items are taken."""
 
     def __init__(
-        self, spec: DiversitySpec, n: int, categories: Sequence[str | None] | None, brands: Sequence[str | None] | None
+        self,
+        spec: DiversitySpec,
+        n: int,
+        categories: Sequence[str | None] | None,
+        brands: Sequence[str | None] | None,
+        placed: Placed | None = None,
     ) -> None:
         self.eligible = np.ones(n, dtype=bool)
         self._limits = []
-        for limit, values, name in (
-            (spec.max_per_category, categories, "categories"),
-            (spec.max_per_brand, brands, "brands"),
+        for limit, values, already, name in (
+            (spec.max_per_category, categories, placed.categories if placed else (), "categories"),
+            (spec.max_per_brand, brands, placed.brands if placed else (), "brands"),
         ):
             if limit > 0:
                 if values is None:
                     raise ValueError(f"a cap on {name} needs the candidates' {name}")
-                codes = _codes(values)
-                self._limits.append((limit, codes, np.zeros(max(int(codes.max(initial=-1)) + 1, 0), dtype=np.int64)))
+                codes, code_of = _codes(values)
+                counts = np.zeros(len(code_of), dtype=np.int64)
+                for value in already:  # items placed outside the selection (pins) fill the caps first
+                    if value is not None and value in code_of:
+                        counts[code_of[value]] += 1
+                self.eligible &= ~np.isin(codes, np.flatnonzero(counts >= limit))
+                self._limits.append((limit, codes, counts))
 
     def take(self, i: int) -> None:
         self.eligible[i] = False
@@ -72,6 +93,7 @@ def select(
     k: int,
     categories: Sequence[str | None] | None,
     brands: Sequence[str | None] | None,
+    placed: Placed | None = None,
 ) -> list[int]:
     """Indices of the chosen candidates, in display order.
 
@@ -85,10 +107,13 @@ def select(
     window is shown in relevance order. Diversity then decides which items make a window, never
     that a less relevant item goes above a more relevant one in it, and the first window (a page
     of w) is the same whatever k is. Caps count over the whole list.
+
+    `placed`: items shown at fixed positions without being selected (pins). They count against the caps, and
+    a window's picks fill only the positions of that window they leave free.
     """
     n = len(relevance)
     k = min(k, n)
-    caps = _Caps(spec, n, categories, brands)
+    caps = _Caps(spec, n, categories, brands, placed)
     if not needs(spec).embeddings or k <= 1:
         return _in_order(k, caps)
     if embeddings is None:
@@ -100,10 +125,15 @@ def select(
     pick = _SELECTORS[spec.method]
     if spec.window <= 0:
         return pick(rel, emb, spec.strength, k, caps)
+    reserved = placed.positions if placed is not None else frozenset()
     chosen: list[int] = []
+    start = 1  # the window's first position in the shown list
     while len(chosen) < k and caps.eligible.any():
-        # Indices are positions in the relevance order, so sorting a window shows it best first.
-        chosen.extend(sorted(pick(rel, emb, spec.strength, min(spec.window, k - len(chosen)), caps)))
+        free = sum(position not in reserved for position in range(start, start + spec.window))
+        start += spec.window
+        if free:
+            # Indices are positions in the relevance order, so sorting a window shows it best first.
+            chosen.extend(sorted(pick(rel, emb, spec.strength, min(free, k - len(chosen)), caps)))
     return chosen
 
 
@@ -180,10 +210,12 @@ def _dpp(rel: np.ndarray, emb: np.ndarray, strength: float, k: int, caps: _Caps)
 _SELECTORS = {DiversityMethod.MMR: _mmr, DiversityMethod.MAX_SUM: _max_sum, DiversityMethod.DPP: _dpp}
 
 
-def monotone_scores(scores: np.ndarray, epsilon: float = 1e-6) -> np.ndarray:
-    """Scores for a chosen order made non-increasing: what diversity adds is the difference."""
+def monotone_scores(scores: np.ndarray, ids: Sequence[str], epsilon: float = 1e-6) -> np.ndarray:
+    """Scores for a shown order made consistent with "by score, ties by id": an item above a better-scored
+    one, or tied with it and shown first although its id sorts later, is pulled just below it. What an
+    adjustment (diversity, a pin) changes is the difference."""
     out = np.asarray(scores, dtype=np.float64).copy()
     for i in range(1, len(out)):
-        if out[i] > out[i - 1]:  # promoted above a better-scored item: pull it just below
+        if out[i] > out[i - 1] or (out[i] == out[i - 1] and ids[i] < ids[i - 1]):
             out[i] = out[i - 1] - epsilon
     return out

@@ -358,6 +358,12 @@ class Ranker:
         order = _best_first(base, candidates.rows, catalog.item_ids, [i for _, i in pinned_entries])
         rows = candidates.rows[order]
         needs = diversity.needs(spec)
+        pinned_rows = [int(candidates.rows[i]) for _, i in pinned_entries]
+        placed = diversity.Placed(
+            positions=frozenset(position for position, _ in pinned_entries),
+            categories=[catalog.categories[r] for r in pinned_rows] if needs.categories else (),
+            brands=[catalog.brands[r] for r in pinned_rows] if needs.brands else (),
+        )
         chosen = diversity.select(
             base[order],
             np.asarray(self.release.retriever.dense.embeddings[rows]) if needs.embeddings else None,
@@ -365,13 +371,17 @@ class Ranker:
             top_k - len(pinned_entries),
             [catalog.categories[r] for r in rows] if needs.categories else None,
             [catalog.brands[r] for r in rows] if needs.brands else None,
+            placed,
         )
         ranked = [int(order[c]) for c in chosen]
-        diversified = diversity.monotone_scores(base[ranked]) if ranked else np.zeros(0)
+        ids_of = [catalog.item_ids[r] for r in candidates.rows[ranked]]
+        diversified = diversity.monotone_scores(base[ranked], ids_of) if ranked else np.zeros(0)
         shown_before_pins = dict(zip(ranked, diversified, strict=True))
         sequence, pinned_shown = rules.place(ranked, pinned_entries, top_k)
         is_pin = [i in pinned_shown for i in sequence]
         final = rules.pin_scores(np.array([shown_before_pins.get(i, base[i]) for i in sequence]), is_pin)
+        if pinned_shown:  # a pin set to its neighbour's score: ties by id again
+            final = diversity.monotone_scores(final, [catalog.item_ids[r] for r in candidates.rows[sequence]])
         return tuple(
             self._explain(
                 catalog.item_ids[candidates.rows[i]],

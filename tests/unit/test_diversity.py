@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ranker.diversity import monotone_scores, select
+from ranker.diversity import Placed, monotone_scores, select
 from ranker.domain import DiversityMethod, DiversitySpec
 
 
@@ -53,8 +53,24 @@ def test_dpp_with_tiny_strength_is_relevance_order() -> None:
 
 
 def test_monotone_scores_only_lowers_promoted_items() -> None:
-    assert monotone_scores(np.array([1.0, 0.5, 0.8])).tolist() == [1.0, 0.5, 0.5 - 1e-6]
-    assert monotone_scores(np.array([1.0, 1.0, 0.2])).tolist() == [1.0, 1.0, 0.2]
+    assert monotone_scores(np.array([1.0, 0.5, 0.8]), ["a", "b", "c"]).tolist() == [1.0, 0.5, 0.5 - 1e-6]
+    assert monotone_scores(np.array([1.0, 1.0, 0.2]), ["a", "b", "c"]).tolist() == [1.0, 1.0, 0.2]
+    # a tie shown against the id order: the second is pulled below, so the order reads "score, then id"
+    assert monotone_scores(np.array([1.0, 1.0, 0.2]), ["b", "a", "c"]).tolist() == [1.0, 1.0 - 1e-6, 0.2]
+
+
+def test_placed_items_fill_the_caps_and_their_window_positions() -> None:
+    """Pins count against the caps, and a window fills only the positions its pins leave free, so the first
+    page is the same whatever k is."""
+    rel, emb, cats = clustered()
+    spec = DiversitySpec(method=DiversityMethod.MMR, strength=0.5, max_per_category=2, window=4)
+    pinned = Placed(positions=frozenset({2}), categories=["A"], brands=["A"])
+    chosen = select(rel, emb, spec, 3, cats, cats, pinned)
+    assert [cats[i] for i in chosen].count("A") == 1  # the pin is the other A
+    spec = DiversitySpec(method=DiversityMethod.MMR, strength=0.5, window=4)
+    short = select(rel, emb, spec, 3, cats, cats, Placed(positions=frozenset({2})))
+    long = select(rel, emb, spec, 7, cats, cats, Placed(positions=frozenset({2})))
+    assert long[:3] == short  # window 1 = 3 picks + the pin, whatever k
 
 
 def near_duplicates() -> tuple[np.ndarray, np.ndarray, list[str]]:

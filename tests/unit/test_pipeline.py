@@ -163,3 +163,46 @@ def test_a_rerank_pin_moves_one_of_the_given_items_and_adds_none() -> None:
     assert ids[0] == "h1" and sorted(ids) == ["d1", "d2", "h1"] and result.candidates == 3
     alone = rank(make_ranker(), query="drill", candidate_ids=("d1", "d2"), rules=(outside,))
     assert {item.item_id for item in alone.items} == {"d1", "d2"} and alone.candidates == 2
+
+
+def order_key_holds(items: object) -> bool:
+    """The documented order: by score, ties by item_id."""
+    pairs = [(item.score, item.item_id) for item in items]  # type: ignore[attr-defined]
+    return pairs == sorted(pairs, key=lambda p: (-p[0], p[1]))
+
+
+@pytest.mark.parametrize("window", [0, 4])
+def test_pins_count_against_the_caps_and_keep_scores_ordered(window: int) -> None:
+    """A pinned item's brand fills its cap like any other item's, so the page never exceeds the cap while the
+    pins alone stay within it; scores follow the shown order, ties by item id; breakdowns sum."""
+    catalog = tiny_release().catalog
+    for pinned, position in itertools.product(("d1", "d2", "b1", "p1", "h1"), (1, 3)):
+        pin = Rule(action=RuleAction.PIN, item_ids=frozenset({pinned}), position=position)
+        spec = DiversitySpec(method=DiversityMethod.MMR, strength=0.5, max_per_brand=1, window=window)
+        result = rank(make_ranker(), diversity=spec, rules=(pin,), top_k=8)
+        brands = [catalog.brands[item.row] for item in result.items if catalog.brands[item.row]]
+        assert len(brands) == len(set(brands)), (pinned, position, brands)
+        assert result.items[position - 1].item_id == pinned
+        assert order_key_holds(result.items)
+        for item in result.items:
+            assert sum(c.contribution for c in item.breakdown) == pytest.approx(item.score, abs=1e-9)
+
+
+def test_ties_are_shown_by_item_id_after_diversity_and_pins() -> None:
+    for query, spec, rules in itertools.product(
+        ("cordless drill", "paint", "garden hose"),
+        (DiversitySpec(), DiversitySpec(method=DiversityMethod.MMR, strength=0.1)),
+        ((), (Rule(action=RuleAction.PIN, item_ids=frozenset({"d1"}), position=3),)),
+    ):
+        for candidate_ids in ((), ("d1", "p1", "h1", "p2")):
+            result = rank(make_ranker(), query=query, diversity=spec, rules=rules, candidate_ids=candidate_ids)
+            assert order_key_holds(result.items), (query, spec, rules, candidate_ids)
+
+
+def test_with_pins_the_first_window_is_the_same_whatever_top_k() -> None:
+    pin = Rule(action=RuleAction.PIN, item_ids=frozenset({"h1"}), position=2)
+    spec = DiversitySpec(method=DiversityMethod.MMR, strength=0.9, window=4)
+    for query in ("cordless drill", "paint", "dewalt"):
+        pages = [[i.item_id for i in rank(make_ranker(), query=query, diversity=spec, rules=(pin,), top_k=k).items]
+                 for k in (4, 6, 8)]  # fmt: skip
+        assert pages[0] == pages[1][:4] == pages[2][:4], (query, pages)
