@@ -40,7 +40,7 @@ from ranker.catalog_journal import (
 from ranker.catalog_overlay import Applied, CatalogSnapshot
 from ranker.domain import CatalogItem
 from ranker.errors import BackendFailed, BackendTimeout, BackendUnavailable, NotConfigured
-from ranker.models import Encoder, QueryTokenizer
+from ranker.models import CachedEncoder, Encoder, QueryTokenizer
 from ranker.pipeline import Ranker
 from ranker.release import ENCODER_MODEL, TOKENIZER, Manifest, Release
 from ranker.retrieval import Analyzer
@@ -110,7 +110,10 @@ async def embed_titles(
     """Embeddings [len(titles), dim] in input order, in batches of similar length (as offline.encoder does).
 
     Raises ranker.errors.BackendError when the encoder fails, `timeout` (seconds, for all batches) passes
-    or one batch takes longer than `call_timeout`."""
+    or one batch takes longer than `call_timeout`. A query cache in front of the encoder is bypassed: a
+    title is not a query, and a one-title batch must not take the cache's timeout."""
+    if isinstance(encoder, CachedEncoder):
+        encoder = encoder.uncached
     out = np.zeros((len(titles), dim), dtype=np.float32)
     if not titles:
         return out
@@ -287,7 +290,12 @@ class LiveCatalog:
             else:
                 deletes = change.item_ids
             snapshot, applied = await asyncio.to_thread(self._snapshot.apply, upserts, deletes, self._analyzer)
-            if self._journal is not None:
+            if isinstance(change, Delete):
+                # Only what was deleted: a journaled id that was absent would delete that item from a
+                # later release that has it, at the next start or swap.
+                absent = set(applied.not_found)
+                change = Delete(tuple(i for i in change.item_ids if i not in absent))
+            if self._journal is not None and (isinstance(change, Upsert) or change.item_ids):
                 try:
                     await asyncio.to_thread(self._journal.append, change)
                 except JournalError as e:

@@ -57,8 +57,8 @@ class CachedEncoder:
     cached. `on_lookup(hit)` is told of every lookup (the hit-rate metric).
 
     The shared call runs with the cache's own `fetch_timeout`, not the first caller's: a caller with
-    almost no time left must not fail every other caller of the same query. Batches of several texts
-    (the catalog's titles) go straight to the encoder: the cache is for queries.
+    almost no time left must not fail every other caller of the same query. The cache is for queries: the
+    catalog's titles go to `uncached`, and so do batches of several texts.
     """
 
     def __init__(
@@ -80,6 +80,11 @@ class CachedEncoder:
 
     def __len__(self) -> int:
         return len(self._cache)
+
+    @property
+    def uncached(self) -> Encoder:
+        """The encoder behind the cache, for what is not a query (catalog titles)."""
+        return self._inner
 
     async def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray, *, timeout: float | None) -> np.ndarray:
         if input_ids.shape[0] != 1:

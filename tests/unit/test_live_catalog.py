@@ -17,6 +17,7 @@ from ranker.catalog_journal import JOURNAL, CatalogJournal, Delete, JournalError
 from ranker.domain import CatalogItem, RankQuery, RankResult, Rule, RuleAction
 from ranker.errors import BackendUnavailable, NotConfigured
 from ranker.live_catalog import ENCODE_BATCH, JOURNAL_DIR, LiveCatalog, embed_titles
+from ranker.models import CachedEncoder
 from ranker.pipeline import PipelineSettings, Ranker
 from tests.unit.fakes import FakeEncoder, FakeScorer, FakeTokenizer, tiny_release
 
@@ -285,3 +286,27 @@ def test_a_journal_replaced_by_the_next_catalog_takes_no_more_appends_from_the_o
 
 def broken_fsync(directory: Path) -> None:
     raise OSError(5, "Input/output error")
+
+
+def test_deleting_an_absent_id_journals_nothing(tmp_path: Path) -> None:
+    """Nothing to delete, nothing journaled: otherwise the next release that has the id would start with it
+    deleted."""
+    live = Parts().open(tmp_path)
+    journal = tmp_path / JOURNAL_DIR / JOURNAL
+    size = journal.stat().st_size
+    applied = asyncio.run(live.delete(["not-yet-an-item"]))
+    assert applied.not_found == ("not-yet-an-item",) and journal.stat().st_size == size
+    applied = asyncio.run(live.delete(["d1", "not-yet-an-item"]))
+    assert applied.deleted == 1
+    deletes = [change for change in read(journal)[1] if isinstance(change, Delete)]
+    assert [change.item_ids for change in deletes] == [("d1",)]
+    live.close()
+
+
+def test_titles_bypass_the_query_cache() -> None:
+    """A one-title batch is not a query: it neither fills the query cache nor takes the cache's timeout."""
+    parts = Parts()
+    lookups: list[bool] = []
+    cached = CachedEncoder(parts.encoder, 100, on_lookup=lookups.append, fetch_timeout=0.001)
+    vectors = asyncio.run(embed_titles(cached, parts.tokenizer, ["Werner step ladder"], dim=16, timeout=5))
+    assert vectors.shape == (1, 16) and lookups == [] and len(cached) == 0
