@@ -26,7 +26,7 @@ import numpy as np
 
 from ranker.domain import CatalogItem
 from ranker.release import NUMERIC_ATTRIBUTES, Catalog, Release
-from ranker.retrieval import Analyzer, BM25Parameters, DenseRetriever, HybridRetriever, LexicalIndex
+from ranker.retrieval import Analyzer, BM25Parameters, DenseRetriever, HybridRetriever, LexicalIndex, best_rows
 
 FRESHNESS = "freshness"
 # Growth of the shared embedding buffer beyond what a batch needs: amortises the copy of all rows.
@@ -197,11 +197,7 @@ class OverlayDense:
         # One product over the contiguous appended rows (no gather), then the live ones.
         delta_rows = n_base + live
         delta_scores = np.asarray(self._embeddings[n_base:] @ q, dtype=np.float32)[live]
-        if len(delta_rows) > k:
-            part = np.argpartition(-delta_scores, k - 1)[:k]
-            delta_rows, delta_scores = delta_rows[part], delta_scores[part]
-        order = np.lexsort((delta_rows, -delta_scores))
-        delta_rows, delta_scores = delta_rows[order], delta_scores[order]
+        delta_rows, delta_scores = best_rows(delta_rows, delta_scores, k)
         # Merge keys: the ANN's list keeps its own order exactly (a running minimum of its exact scores),
         # an appended row goes before the first release row it beats, and after it on a tie.
         base_keys = np.minimum.accumulate(self.similarities(q, base_rows)) if len(base_rows) else np.zeros(0)

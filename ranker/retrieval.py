@@ -249,10 +249,7 @@ class DenseIndex:
     def _exact(self, query: np.ndarray, k: int, rows: np.ndarray) -> np.ndarray:
         """The k of `rows` nearest the query by exact inner product, best first, ties by row."""
         scores = np.asarray(self.embeddings[rows] @ query.astype(np.float32), dtype=np.float32)
-        if len(rows) > k:
-            part = np.argpartition(-scores, k - 1)[:k]
-            rows, scores = rows[part], scores[part]
-        return rows[np.lexsort((rows, -scores))].astype(np.int64)
+        return best_rows(rows.astype(np.int64), scores, k)[0]
 
     def similarities(self, query: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Exact cosine between the query and the given items."""
@@ -262,14 +259,20 @@ class DenseIndex:
         """Nothing to let go of: the index lives in this process's memory."""
 
 
+def best_rows(rows: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k of `rows` with the highest `scores` (aligned with rows), best first, ties by row id; with
+    their scores."""
+    if len(rows) > k:
+        part = np.argpartition(-scores, k - 1)[:k]
+        rows, scores = rows[part], scores[part]
+    order = np.lexsort((rows, -scores))
+    return rows[order], scores[order]
+
+
 def top_rows(scores: np.ndarray, k: int, allowed: np.ndarray | None = None) -> np.ndarray:
     """Rows of the k highest positive scores, best first, ties by row id."""
     candidates = np.flatnonzero(scores > 0) if allowed is None else np.flatnonzero((scores > 0) & allowed)
-    if len(candidates) > k:
-        part = np.argpartition(-scores[candidates], k - 1)[:k]
-        candidates = candidates[part]
-    order = np.lexsort((candidates, -scores[candidates]))
-    return candidates[order]
+    return best_rows(candidates, scores[candidates], k)[0]
 
 
 def union_rows(*ranked: np.ndarray) -> np.ndarray:
