@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import date
 
@@ -310,6 +310,15 @@ class CatalogSnapshot:
         release = replace(self.release, catalog=merged, retriever=retriever, neighbours=neighbours)
         applied = Applied(inserted=inserted, updated=updated, deleted=deleted, not_found=tuple(not_found))
         return replace(self, release=release, lexical=lexical, store=store), applied
+
+    def with_tombstones(self, item_ids: Iterable[str]) -> CatalogSnapshot:
+        """The snapshot with `item_ids` known as deleted where they have no row (Catalog.tombstones)."""
+        catalog = self.catalog
+        new = frozenset(item_ids) - catalog.row_of.keys() - catalog.tombstones
+        if not new:
+            return self
+        release = replace(self.release, catalog=replace(catalog, tombstones=catalog.tombstones | new))
+        return replace(self, release=release)
 
     def _embeddings(
         self, upserts: Sequence[tuple[CatalogItem, np.ndarray]], n: int

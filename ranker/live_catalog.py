@@ -229,7 +229,10 @@ class LiveCatalog:
             )
             upserts = list(zip(items, vectors, strict=True))
         snapshot, applied = await asyncio.to_thread(self._snapshot.apply, upserts, deletes, self._analyzer)
-        self._install(snapshot)
+        # A journaled delete names an item that existed when it was deleted. Without a row here (created
+        # online and folded away, or absent from this release) its id stays known: requests naming it are
+        # still valid, as for any deleted item, and it ranks nowhere.
+        self._install(snapshot.with_tombstones(applied.not_found))
         total = entries(changes)
         compact = total >= COMPACT_MIN_ENTRIES and total > 2 * (len(upserts) + len(deletes))
         if journal is not None and (header is None or reembed or compact):

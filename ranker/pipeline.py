@@ -11,7 +11,7 @@ import asyncio
 import copy
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Container, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -265,7 +265,7 @@ class Ranker:
         if not query.candidate_ids and not query.query.strip():
             return self._recommendations(allowed, np.array(include, dtype=np.int64), profile, dense)
         if query.candidate_ids:
-            rows = np.array([catalog.row_of[item_id] for item_id in query.candidate_ids], dtype=np.int64)
+            rows = caller_rows(query, catalog)
             if allowed is not None:
                 rows = rows[allowed[rows]]
             rows = union_rows(rows, np.array(include, dtype=np.int64))
@@ -453,12 +453,19 @@ def _left(deadline: float | None, budget: float | None) -> float | None:
     return max(MIN_CALL_S, deadline - time.monotonic() - RESERVE_FRACTION * budget)
 
 
+def caller_rows(query: RankQuery, catalog: Catalog) -> np.ndarray:
+    """The rows of the caller's candidate ids; an id deleted online without a row (a tombstone) has none,
+    and a dead row is left to the mask like any other."""
+    row_of = catalog.row_of
+    return np.array([row_of[i] for i in query.candidate_ids if i in row_of], dtype=np.int64)
+
+
 def _given(query: RankQuery, catalog: Catalog, allowed: np.ndarray | None) -> np.ndarray | None:
     """Where pins may come from: `allowed`, and for a rerank only the caller's items (rerank exactly these)."""
     if not query.candidate_ids:
         return allowed
     given = np.zeros(len(catalog), dtype=bool)
-    given[[catalog.row_of[item_id] for item_id in query.candidate_ids]] = True
+    given[caller_rows(query, catalog)] = True
     return given if allowed is None else given & allowed
 
 
@@ -477,13 +484,13 @@ def _adjustment(name: str, amount: float) -> ScoreComponent:
     return ScoreComponent(name=name, raw=amount, normalized=amount, weight=1.0, contribution=amount)
 
 
-def check_candidate_ids(candidate_ids: tuple[str, ...], row_of: Mapping[str, int], limit: int) -> None:
-    """Every caller-given id must be known and appear once."""
+def check_candidate_ids(candidate_ids: tuple[str, ...], known: Container[str], limit: int) -> None:
+    """Every caller-given id must be known (Catalog.known_ids: deleted ids are) and appear once."""
     if len(candidate_ids) > limit:
         raise InvalidArgument("candidate_ids", f"at most {limit} ids, got {len(candidate_ids)}")
     seen: set[str] = set()
     for i, item_id in enumerate(candidate_ids):
-        if item_id not in row_of:
+        if item_id not in known:
             raise InvalidArgument(f"candidate_ids[{i}]", f"unknown item id {item_id[:64]!r}")
         if item_id in seen:
             raise InvalidArgument(f"candidate_ids[{i}]", f"duplicate item id {item_id[:64]!r}")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -161,6 +161,17 @@ def read_manifest(directory: Path) -> Manifest:
     return Manifest.from_json(json.loads(path.read_text()))
 
 
+@dataclass(frozen=True)
+class KnownIds:
+    """Membership in the ids a request may name (Catalog.known_ids); a deleted one is known and ranks nowhere."""
+
+    row_of: Mapping[str, int]
+    tombstones: frozenset[str]
+
+    def __contains__(self, item_id: object) -> bool:
+        return item_id in self.row_of or item_id in self.tombstones
+
+
 @dataclass(frozen=True, kw_only=True)
 class Catalog:
     """Item attributes as columns, indexed by row id."""
@@ -179,6 +190,9 @@ class Catalog:
     # Rows removed online (deleted, or replaced by a newer row of the same id: ranker.catalog_overlay);
     # mask() leaves them out, so they are never retrieved, reranked or pinned. None: no row removed.
     dead: np.ndarray | None = None
+    # Ids deleted online that have no row here: an item created online and then deleted (the journal's
+    # folding keeps only the delete), or one this release does not carry. Known, like a dead row's id.
+    tombstones: frozenset[str] = frozenset()
 
     def __len__(self) -> int:
         return len(self.item_ids)
@@ -219,6 +233,11 @@ class Catalog:
                 "brand": _rows_by_value(items["brand"].to_list()),
             },
         )
+
+    @property
+    def known_ids(self) -> KnownIds:
+        """The ids a request may name: every row's, live or deleted online, and the tombstones."""
+        return KnownIds(self.row_of, self.tombstones)
 
     def live_row(self, item_id: str) -> int | None:
         """The item's row, or None when the id is unknown or the item was deleted online."""

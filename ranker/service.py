@@ -10,7 +10,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Container
 from datetime import UTC
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -128,7 +128,7 @@ def _diversity(request: ranker_pb2.RankRequest, max_top_k: int, policy: Policy) 
     )
 
 
-def _rules(request: ranker_pb2.RankRequest, row_of: Mapping[str, int], policy: Policy) -> tuple[Rule, ...]:
+def _rules(request: ranker_pb2.RankRequest, known: Container[str], policy: Policy) -> tuple[Rule, ...]:
     if len(request.rules) > MAX_RULES:
         raise InvalidArgument("rules", f"at most {MAX_RULES} rules, got {len(request.rules)}")
     result = []
@@ -139,7 +139,7 @@ def _rules(request: ranker_pb2.RankRequest, row_of: Mapping[str, int], policy: P
         if len(rule.item_ids) > MAX_RULE_ITEMS:
             raise InvalidArgument(f"{where}.item_ids", f"at most {MAX_RULE_ITEMS} ids, got {len(rule.item_ids)}")
         for j, item_id in enumerate(rule.item_ids):
-            if item_id not in row_of:
+            if item_id not in known:
                 raise InvalidArgument(f"{where}.item_ids[{j}]", f"unknown item id {item_id[:64]!r}")
         if len(rule.values) > MAX_CATEGORIES:
             raise InvalidArgument(f"{where}.values", f"at most {MAX_CATEGORIES} values, got {len(rule.values)}")
@@ -161,9 +161,10 @@ def _rules(request: ranker_pb2.RankRequest, row_of: Mapping[str, int], policy: P
 
 
 def to_query(
-    request: ranker_pb2.RankRequest, settings: Settings, row_of: Mapping[str, int], policy: Policy = DEFAULT
+    request: ranker_pb2.RankRequest, settings: Settings, known: Container[str], policy: Policy = DEFAULT
 ) -> RankQuery:
-    """Validate a RankRequest; every violation names the field, the value and the limit."""
+    """Validate a RankRequest; every violation names the field, the value and the limit. `known`: the ids
+    a request may name (Catalog.known_ids)."""
     _check_length("request_id", request.request_id, MAX_ID_CHARS)
     if not request.request_id.isprintable():
         raise InvalidArgument("request_id", f"must hold no control characters, got {request.request_id[:64]!r}")
@@ -172,7 +173,7 @@ def to_query(
         _check_length("user_id", request.user_id, MAX_ID_CHARS)
     user_id = request.user_id if request.HasField("user_id") and request.user_id.strip() else None
     candidate_ids = tuple(request.candidate_ids)
-    check_candidate_ids(candidate_ids, row_of, settings.max_candidate_ids)
+    check_candidate_ids(candidate_ids, known, settings.max_candidate_ids)
     if not request.query.strip() and not candidate_ids and user_id is None:
         # With a user_id and no query, Rank recommends from the user's profile.
         raise InvalidArgument("query", "must not be empty when candidate_ids is empty and user_id is unset")
@@ -206,7 +207,7 @@ def to_query(
         in_stock_only=filters.in_stock_only,
         weights=dict(request.blend.weights),
         diversity=_diversity(request, settings.max_top_k, policy),
-        rules=_rules(request, row_of, policy),
+        rules=_rules(request, known, policy),
         exclude_purchased=request.exclude_purchased,
     )
 
@@ -398,7 +399,7 @@ class RankerServicer(ranker_pb2_grpc.RankerServicer):
     async def Rank(self, request: ranker_pb2.RankRequest, context: grpc.aio.ServicerContext) -> ranker_pb2.RankResponse:
         ranker = self._current()
         async with _statuses(context, "Rank failed (request_id=%s)", request.request_id[:MAX_ID_CHARS]):
-            query = to_query(request, self._settings, ranker.release.catalog.row_of, ranker.release.policy)
+            query = to_query(request, self._settings, ranker.release.catalog.known_ids, ranker.release.policy)
             caller = tracing.incoming(context.invocation_metadata()) if tracing.enabled() else None
             with tracing.span("Rank", context=caller, attributes={"ranker.request_id": query.request_id}):
                 result = await ranker.rank(query, timeout=self._timeout(context))

@@ -310,3 +310,23 @@ def test_titles_bypass_the_query_cache() -> None:
     cached = CachedEncoder(parts.encoder, 100, on_lookup=lookups.append, fetch_timeout=0.001)
     vectors = asyncio.run(embed_titles(cached, parts.tokenizer, ["Werner step ladder"], dim=16, timeout=5))
     assert vectors.shape == (1, 16) and lookups == [] and len(cached) == 0
+
+
+def test_an_item_created_and_deleted_online_stays_known_after_a_restart(tmp_path: Path) -> None:
+    live = Parts().open(tmp_path)
+    upsert(live, LADDER)
+    asyncio.run(live.delete(["n1"]))
+    live.close()
+
+    again = Parts().open(tmp_path)  # the journal folds the upsert away and keeps only the delete
+    catalog = again.current().release.catalog
+    assert "n1" not in catalog.row_of and "n1" in catalog.known_ids
+    # A request naming it is valid, as for any deleted item, and the item ranks nowhere.
+    pinned = Rule(action=RuleAction.PIN, item_ids=frozenset({"n1"}), position=1)
+    result = rank(again.current(), "ladder", candidate_ids=("n1", "d1"), rules=(pinned,))
+    assert ids(result) == ["d1"]
+    assert "n1" not in ids(rank(again.current(), "ladder"))
+    # Deleting it again finds nothing to delete, and an upsert brings it back.
+    assert asyncio.run(again.delete(["n1"])).not_found == ("n1",)
+    upsert(again, LADDER)
+    assert ids(rank(again.current(), "folding step ladder"))[0] == "n1"

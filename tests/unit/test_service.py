@@ -11,6 +11,7 @@ from ranker import errors
 from ranker.config import Settings
 from ranker.domain import DiversityMethod
 from ranker.errors import InvalidArgument
+from ranker.release import KnownIds
 from ranker.service import to_query
 from ranker.v1 import ranker_pb2
 
@@ -155,3 +156,12 @@ def test_unset_caps_are_the_policys_when_the_method_is_the_policys() -> None:
         method=DiversityMethod.MMR, strength=0.2, max_per_category=2, max_per_brand=1
     )
     assert spec(method="DIVERSITY_METHOD_DPP").max_per_brand == 0  # type: ignore[union-attr]  # another method
+
+
+def test_ids_deleted_online_without_a_row_are_known() -> None:
+    known = KnownIds(ROW_OF, frozenset({"gone"}))
+    pin = {"action": ranker_pb2.RULE_ACTION_PIN, "item_ids": ["gone"], "position": 1}
+    q = to_query(ranker_pb2.RankRequest(query="x", candidate_ids=["a", "gone"], rules=[pin]), SETTINGS, known)
+    assert q.candidate_ids == ("a", "gone") and q.rules[0].item_ids == {"gone"}
+    with pytest.raises(InvalidArgument, match=r"candidate_ids\[1\]: unknown item id 'never'"):
+        to_query(ranker_pb2.RankRequest(query="x", candidate_ids=["a", "never"]), SETTINGS, known)
