@@ -179,11 +179,22 @@ def profile_direction(profile: Profile, items: ItemSpace) -> np.ndarray | None:
     return _unit(profile.centroid) if len(profile.centroid) == items.embeddings.shape[1] else None
 
 
-def popular_candidates(popularity: np.ndarray, k: int, allowed: np.ndarray | None, include: np.ndarray) -> Candidates:
-    """Recommendations without a profile (cold start): the most popular items, ties by row."""
+def popular_candidates(
+    popularity: np.ndarray,
+    k: int,
+    allowed: np.ndarray | None,
+    include: np.ndarray,
+    *,
+    tiebreak: np.ndarray | None = None,
+) -> Candidates:
+    """Recommendations without a profile (cold start): the most popular items (NaN: unknown, last), ties by
+    `tiebreak` (the same way) and then by row."""
     values = np.nan_to_num(np.asarray(popularity, dtype=np.float64), nan=-np.inf)
     rows = np.arange(len(values)) if allowed is None else np.flatnonzero(allowed)
-    order = np.lexsort((rows, -values[rows]))[:k]
+    keys = [rows]
+    if tiebreak is not None:
+        keys.append(-np.nan_to_num(np.asarray(tiebreak, dtype=np.float64), nan=-np.inf)[rows])
+    order = np.lexsort((*keys, -values[rows]))[:k]
     ranked = union_rows(rows[order], include)
     zeros = np.zeros(len(ranked), dtype=np.float32)
     return Candidates(ranked, zeros, zeros, ranked, np.zeros(0, dtype=np.int64))

@@ -124,6 +124,10 @@ class Ranker:
             if query.user_id is not None:
                 with watch.stage("profile"):
                     profile, personalization = await self._profile(query.user_id, _left(deadline, timeout))
+                if query.exclude_purchased and personalization is Personalization.UNAVAILABLE:
+                    # A missing "personal" signal leaves the ranking whole; a purchase shown that the caller
+                    # asked to hide does not.
+                    degraded.append("profile unavailable: exclude_purchased not applied")
             with watch.stage("lexical"):
                 allowed = catalog.mask(
                     categories=query.categories,
@@ -229,13 +233,20 @@ class Ranker:
                 near=near,
             )
         catalog = self.release.catalog
-        popularity = np.zeros(len(catalog))
-        if "popularity" in catalog.signals:
-            popularity = catalog.signals["popularity"]
-        elif self.release.neighbours is not None:
+        column = catalog.signals.get("popularity")
+        counts = None
+        if self.release.neighbours is not None:
+            counts = np.zeros(len(catalog))
             known = min(len(catalog), len(self.release.neighbours.counts))
-            popularity[:known] = self.release.neighbours.counts[:known]
-        return popular_candidates(popularity, depth, allowed, include)
+            counts[:known] = self.release.neighbours.counts[:known]
+        # The catalog's popularity when most items have one; else the interaction counts. An online upsert
+        # that brings the column to a release without it leaves it NaN for every other item, and must not
+        # turn the counts into a tie-break behind a handful of new items.
+        if column is not None and (counts is None or np.mean(np.isfinite(column)) >= 0.5):
+            return popular_candidates(column, depth, allowed, include, tiebreak=counts)
+        return popular_candidates(
+            np.zeros(len(catalog)) if counts is None else counts, depth, allowed, include, tiebreak=column
+        )
 
     async def _encode(self, text: str, timeout: float | None, degraded: list[str]) -> np.ndarray | None:
         if not text.strip():

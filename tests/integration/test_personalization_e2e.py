@@ -152,6 +152,8 @@ def test_redis_down_means_unavailable_personalisation_not_a_failed_rank(
         redis.stop()
         down = rank(client, user)
         assert down.personalization == UNAVAILABLE and len(down.items) == 20 and not down.degraded
+        hiding = rank(client, user, exclude_purchased=True)  # the purchases are unknown: it cannot hide them
+        assert hiding.degraded and hiding.degraded_reason == "profile unavailable: exclude_purchased not applied"
         with pytest.raises(grpc.RpcError) as caught:
             client.RecordEvents(purchases(user, ids(down)[:1], prefix="x"), timeout=30)
         assert caught.value.code() is grpc.StatusCode.UNAVAILABLE

@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 
 from ranker import blending
-from ranker.domain import Personalization, RankQuery, RankResult
+from ranker.catalog_overlay import CatalogSnapshot
+from ranker.domain import CatalogItem, Personalization, RankQuery, RankResult
 from ranker.errors import BackendUnavailable
 from ranker.events import Event, EventType
 from ranker.neighbours import ItemNeighbours
+from ranker.observability import degraded_reason_codes
 from ranker.personal import Personalizer, PersonalWeights, components, personal_scores
 from ranker.pipeline import PipelineSettings, Ranker
 from ranker.profiles import (
@@ -144,9 +146,14 @@ def test_exclude_purchased(personalizer: Personalizer) -> None:
 def test_a_failing_or_slow_store_answers_without_personalisation(hang: bool) -> None:
     plain = asyncio.run(ranked(make_ranker(None)))
     slow = Personalizer(store=BrokenStore(hang=hang), timeout_s=0.05)
-    result = asyncio.run(ranked(make_ranker(slow), user_id="u1", exclude_purchased=True))
+    result = asyncio.run(ranked(make_ranker(slow), user_id="u1"))
     assert result.personalization is Personalization.UNAVAILABLE
     assert ids(result) == ids(plain) and not result.degraded
+    # Purchases the caller asked to hide cannot be hidden: the answer says so.
+    excluding = asyncio.run(ranked(make_ranker(slow), user_id="u1", exclude_purchased=True))
+    assert ids(excluding) == ids(plain) and excluding.personalization is Personalization.UNAVAILABLE
+    assert excluding.degraded and excluding.degraded_reason == "profile unavailable: exclude_purchased not applied"
+    assert degraded_reason_codes(excluding.degraded_reason) == ["profile_unavailable"]
     assert asyncio.run(ranked(make_ranker(None), user_id="u1")).personalization is Personalization.UNAVAILABLE
 
 
@@ -167,6 +174,21 @@ def test_recommendations_come_from_the_profile(personalizer: Personalizer) -> No
     assert personal.weight == pytest.approx(1.0 + blending.DEFAULT_POLICY["personal"].weight)  # the ranker's moved
     assert cold.personalization is Personalization.COLD_START
     assert ids(cold) == ["p1", "p2", "d1"]  # most interactions in the neighbours' data, ties by row
+
+
+def test_cold_start_keeps_the_interaction_counts_when_an_upsert_brings_a_popularity_column() -> None:
+    neighbours = ItemNeighbours.build([[5, 6], [5, 6], [0, 7]], num_items=8)
+    ranker = make_ranker(None, neighbours=neighbours)
+    assert "popularity" not in ranker.release.catalog.signals
+    dim = ranker.release.manifest.embedding_dim
+    new = CatalogItem(item_id="n1", title="Werner folding step ladder", popularity=0.0)
+    snapshot, _ = CatalogSnapshot.of(ranker.release).apply([(new, np.ones(dim, np.float32) / np.sqrt(dim))])
+    updated = ranker.with_release(snapshot.release)
+    assert "popularity" in updated.release.catalog.signals  # NaN for every release item
+
+    cold = asyncio.run(ranked(updated, query="", user_id="new", top_k=5))
+    # Still the interaction counts; the new item's popularity only orders it among the items without any.
+    assert ids(cold) == ["p1", "p2", "d1", "h1", "n1"]
 
 
 def test_components_and_scores() -> None:
