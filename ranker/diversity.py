@@ -186,7 +186,8 @@ def _dpp(rel: np.ndarray, emb: np.ndarray, strength: float, k: int, caps: _Caps)
     q = exp(alpha * relevance) with alpha = (1 - s) / (2 s), the paper's relevance/diversity
     trade-off; S = cosine similarity. Incremental Cholesky updates make each step O(n * chosen).
     """
-    alpha = (1 - strength) / (2 * strength)
+    # Capped: at the smallest strengths alpha overflows to inf, and inf * 0 (the top item) is NaN.
+    alpha = min((1 - strength) / (2 * strength), 1e9)
     quality = np.exp(alpha * (rel - 1.0))  # shifted so the largest quality is 1: no overflow
     feats = emb * quality[:, None].astype(np.float32)  # L = feats @ feats.T, one column per step
     gains = np.einsum("ij,ij->i", feats, feats) + 1e-9  # diag(L): marginal gain of each item

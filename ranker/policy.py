@@ -50,7 +50,9 @@ from ranker.domain import DEFAULT_STRENGTH, RULE_FIELDS, DiversityMethod, Divers
 from ranker.errors import InvalidArgument
 
 POLICY_FILE = "policy.toml"
-MAX_PIN_POSITION = 200  # a pin places its item within the first pages
+# A policy file's pins: up to the largest RANKER_MAX_TOP_K (a pin below top_k is simply not shown). A
+# request's pins are held to the server's own max_top_k.
+MAX_PIN_POSITION = 1000
 KNOWN_SIGNALS = COMPUTED_SIGNALS + CATALOG_SIGNALS
 
 
@@ -132,6 +134,7 @@ def make_rule(
     amount: float,
     position: int,
     max_amount: float,
+    max_position: int = MAX_PIN_POSITION,
 ) -> Rule:
     """One validated rule; `where` prefixes error messages (a file key or a request field)."""
     if field and field not in RULE_FIELDS:
@@ -143,8 +146,8 @@ def make_rule(
             raise InvalidArgument(f"{where}.field", f"a pin names one item id, not a field, got {field!r}")
         if len(item_ids) != 1:
             raise InvalidArgument(f"{where}.item_ids", f"a pin names exactly one item id, got {len(item_ids)}")
-        if not 1 <= position <= MAX_PIN_POSITION:
-            raise InvalidArgument(f"{where}.position", f"must be 1..{MAX_PIN_POSITION}, got {position}")
+        if not 1 <= position <= max_position:
+            raise InvalidArgument(f"{where}.position", f"must be 1..{max_position}, got {position}")
     else:
         if position:
             raise InvalidArgument(f"{where}.position", f"only a pin has a position, got {position} on a {action.value}")

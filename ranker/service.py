@@ -128,7 +128,9 @@ def _diversity(request: ranker_pb2.RankRequest, max_top_k: int, policy: Policy) 
     )
 
 
-def _rules(request: ranker_pb2.RankRequest, known: Container[str], policy: Policy) -> tuple[Rule, ...]:
+def _rules(
+    request: ranker_pb2.RankRequest, known: Container[str], policy: Policy, max_position: int
+) -> tuple[Rule, ...]:
     if len(request.rules) > MAX_RULES:
         raise InvalidArgument("rules", f"at most {MAX_RULES} rules, got {len(request.rules)}")
     result = []
@@ -155,6 +157,7 @@ def _rules(request: ranker_pb2.RankRequest, known: Container[str], policy: Polic
                 amount=rule.amount,
                 position=rule.position,
                 max_amount=policy.max_rule_amount,
+                max_position=max_position,
             )
         )
     return tuple(result)
@@ -207,7 +210,7 @@ def to_query(
         in_stock_only=filters.in_stock_only,
         weights=dict(request.blend.weights),
         diversity=_diversity(request, settings.max_top_k, policy),
-        rules=_rules(request, known, policy),
+        rules=_rules(request, known, policy, settings.max_top_k),
         exclude_purchased=request.exclude_purchased,
     )
 

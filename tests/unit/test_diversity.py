@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from ranker.diversity import Placed, monotone_scores, select
 from ranker.domain import DiversityMethod, DiversitySpec
@@ -46,9 +47,11 @@ def test_dpp_brings_the_second_cluster_up_and_is_deterministic() -> None:
     assert len(set(chosen)) == 4
 
 
-def test_dpp_with_tiny_strength_is_relevance_order() -> None:
+@pytest.mark.parametrize("strength", [0.01, 1e-300, 5e-324])
+def test_dpp_with_tiny_strength_is_relevance_order(strength: float) -> None:
     rel, emb, cats = clustered()
-    chosen = select(rel, emb, DiversitySpec(method=DiversityMethod.DPP, strength=0.01), 4, cats, cats)
+    with np.errstate(invalid="raise"):  # no NaN on the way, even at the smallest float
+        chosen = select(rel, emb, DiversitySpec(method=DiversityMethod.DPP, strength=strength), 4, cats, cats)
     assert chosen == [0, 1, 2, 3]
 
 

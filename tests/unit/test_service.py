@@ -165,3 +165,11 @@ def test_ids_deleted_online_without_a_row_are_known() -> None:
     assert q.candidate_ids == ("a", "gone") and q.rules[0].item_ids == {"gone"}
     with pytest.raises(InvalidArgument, match=r"candidate_ids\[1\]: unknown item id 'never'"):
         to_query(ranker_pb2.RankRequest(query="x", candidate_ids=["a", "never"]), SETTINGS, known)
+
+
+def test_a_pin_may_go_as_deep_as_the_server_shows() -> None:
+    pin = {"action": ranker_pb2.RULE_ACTION_PIN, "item_ids": ["a"], "position": 700}
+    deep = Settings(max_top_k=1000)
+    assert to_query(ranker_pb2.RankRequest(query="x", rules=[pin]), deep, ROW_OF).rules[0].position == 700
+    with pytest.raises(InvalidArgument, match=r"rules\[0\].position: must be 1..200, got 700"):
+        to_query(ranker_pb2.RankRequest(query="x", rules=[pin]), SETTINGS, ROW_OF)
