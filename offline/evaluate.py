@@ -44,7 +44,7 @@ from ranker.retrieval import EF_SEARCH
 DEPTH = 100  # Recall@100 needs the top 100
 
 # Ablation stages: blend-weight overrides over the same pipeline and candidates. Each retriever's
-# own top 400 is among the candidates, so its top 100 here equals whole-corpus retrieval.
+# own top DEPTH (at least) is among the candidates, so its top 100 here equals whole-corpus retrieval.
 STAGES: dict[str, dict[str, float]] = {
     "bm25": {"ranker": 0.0, "lexical": 1.0},
     "dense": {"ranker": 0.0, "dense": 1.0},

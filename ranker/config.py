@@ -92,7 +92,7 @@ class Settings(BaseSettings):
         default=None, ge=1, le=4000, description="BM25 candidates; default ranker.pipeline.SERVING_DEPTH"
     )
     # Equal to ranker.retrieval.EF_SEARCH (tests/unit/test_retrieval.py keeps them so).
-    ef_search: int = Field(default=256, ge=16, le=8192, description="HNSW search breadth")
+    ef_search: int = Field(default=128, ge=16, le=8192, description="HNSW search breadth")
     query_cache_size: int = Field(
         default=0,
         ge=0,

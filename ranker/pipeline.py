@@ -35,16 +35,22 @@ from ranker.retrieval import Candidates, LexicalHits, union_rows
 log = logging.getLogger(__name__)
 
 DEFAULT_DEPTH = 400  # candidates per retriever the ranker trained on, for a manifest that does not record it
-# Candidates per retriever when the settings name none (at most the trained depth). On the Home Depot
-# dev split, 200 + 200 at efSearch 256 scores NDCG@10 0.4268 against 0.4269 for the 400 + 400 the ranker
-# trains on, in a quarter less time per query (docs/performance.md, `offline.evaluate --dense-k`).
-SERVING_DEPTH = 200
+# Candidates per retriever when the settings name none (at most the trained depth; never fewer than the
+# request's top_k). On the Home Depot dev split, 100 + 100 at efSearch 128 scores NDCG@10 0.4267 against
+# 0.4268 for 200 + 200 at 256 and 0.4269 for the 400 + 400 the ranker trains on (Recall@100 0.805, 0.812,
+# 0.814), and serves c=1 p50 14% faster (docs/performance.md, `offline.evaluate --dense-k`).
+SERVING_DEPTH = 100
 
 
 @dataclass(frozen=True, kw_only=True)
 class PipelineSettings:
     dense_k: int
     lexical_k: int
+
+    def depth(self, top_k: int) -> tuple[int, int]:
+        """(dense, lexical) candidates for a request: the settings', and at least top_k each, so that a long
+        page is filled."""
+        return max(self.dense_k, top_k), max(self.lexical_k, top_k)
 
     @classmethod
     def for_release(
@@ -215,11 +221,16 @@ class Ranker:
         return bought if excluded is None else excluded | bought
 
     def _recommendations(
-        self, allowed: np.ndarray | None, include: np.ndarray, profile: Profile | None, near: np.ndarray | None
+        self,
+        top_k: int,
+        allowed: np.ndarray | None,
+        include: np.ndarray,
+        profile: Profile | None,
+        near: np.ndarray | None,
     ) -> Candidates:
         """Candidates without a query: from the profile (`near`: a vector engine's rows, searched already), or
         (cold start) the most popular items."""
-        depth = self.settings.dense_k
+        depth = self.settings.depth(top_k)[0]
         if profile is not None and self.personalizer is not None:
             return profile_candidates(
                 profile,
@@ -274,7 +285,7 @@ class Ranker:
         catalog = self.release.catalog
         retriever = self.release.retriever
         if not query.candidate_ids and not query.query.strip():
-            return self._recommendations(allowed, np.array(include, dtype=np.int64), profile, dense)
+            return self._recommendations(query.top_k, allowed, np.array(include, dtype=np.int64), profile, dense)
         if query.candidate_ids:
             rows = caller_rows(query, catalog)
             if allowed is not None:
@@ -284,8 +295,8 @@ class Ranker:
         return retriever.retrieve(
             tokens,
             embedding,
-            dense_k=self.settings.dense_k,
-            lexical_k=self.settings.lexical_k,
+            dense_k=self.settings.depth(query.top_k)[0],
+            lexical_k=self.settings.depth(query.top_k)[1],
             allowed=allowed,
             include=np.array(include, dtype=np.int64),
             lexical=lexical,
@@ -306,7 +317,7 @@ class Ranker:
         are BM25's (or the behavioural neighbours') alone, their dense features still from the release's
         embeddings, and the answer says so. None otherwise: the candidate stage searches an in-process index
         itself."""
-        dense, k = self.release.retriever.dense, self.settings.dense_k
+        dense, k = self.release.retriever.dense, self.settings.depth(query.top_k)[0]
         if not dense.remote or query.candidate_ids:
             return None
         if query.query.strip():
@@ -331,7 +342,7 @@ class Ranker:
         """BM25 hits for a search (text and no candidate_ids); None for the other kinds of request."""
         if query.candidate_ids or not query.query.strip():
             return None
-        return self.release.retriever.lexical_hits(tokens, self.settings.lexical_k, allowed)
+        return self.release.retriever.lexical_hits(tokens, self.settings.depth(query.top_k)[1], allowed)
 
     async def _score(
         self, rows: np.ndarray, have_embedding: bool, timeout: float | None, degraded: list[str]

@@ -14,14 +14,14 @@ from ranker.pipeline import PipelineSettings, Ranker, check_candidate_ids
 from tests.unit.fakes import SEARCH_STAGES, FakeEncoder, FakeScorer, FakeTokenizer, tiny_release
 
 
-def make_ranker(*, encoder_fails: bool = False, scorer_fails: bool = False) -> Ranker:
+def make_ranker(*, encoder_fails: bool = False, scorer_fails: bool = False, depth: int = 5) -> Ranker:
     tokenizer = FakeTokenizer()
     return Ranker(
         tiny_release(),
         encoder=FakeEncoder(tokenizer.texts, fail=encoder_fails),
         scorer=FakeScorer(fail=scorer_fails),
         tokenizer=tokenizer,  # type: ignore[arg-type]
-        settings=PipelineSettings(dense_k=5, lexical_k=5),
+        settings=PipelineSettings(dense_k=depth, lexical_k=depth),
     )
 
 
@@ -202,7 +202,15 @@ def test_ties_are_shown_by_item_id_after_diversity_and_pins() -> None:
 def test_with_pins_the_first_window_is_the_same_whatever_top_k() -> None:
     pin = Rule(action=RuleAction.PIN, item_ids=frozenset({"h1"}), position=2)
     spec = DiversitySpec(method=DiversityMethod.MMR, strength=0.9, window=4)
+    ranker = make_ranker(depth=8)  # every top_k below within the candidate depth: the same candidates
     for query in ("cordless drill", "paint", "dewalt"):
-        pages = [[i.item_id for i in rank(make_ranker(), query=query, diversity=spec, rules=(pin,), top_k=k).items]
+        pages = [[i.item_id for i in rank(ranker, query=query, diversity=spec, rules=(pin,), top_k=k).items]
                  for k in (4, 6, 8)]  # fmt: skip
         assert pages[0] == pages[1][:4] == pages[2][:4], (query, pages)
+
+
+def test_a_page_longer_than_the_candidate_depth_retrieves_deeper() -> None:
+    shallow = make_ranker(depth=2)
+    assert len(rank(shallow, query="drill", top_k=2).items) == 2
+    page = rank(shallow, query="drill", top_k=7)
+    assert len(page.items) == 7 and page.candidates >= 7  # not only the 2 + 2 the settings name
