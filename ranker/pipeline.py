@@ -217,7 +217,7 @@ class Ranker:
         if not (query.exclude_purchased and profile is not None and profile.purchased):
             return excluded
         bought = np.zeros(len(catalog), dtype=bool)
-        bought[[catalog.row_of[i] for i in profile.purchased if i in catalog.row_of]] = True
+        bought[catalog.rows_of(profile.purchased)] = True
         return bought if excluded is None else excluded | bought
 
     def _recommendations(
@@ -287,16 +287,17 @@ class Ranker:
         if not query.candidate_ids and not query.query.strip():
             return self._recommendations(query.top_k, allowed, np.array(include, dtype=np.int64), profile, dense)
         if query.candidate_ids:
-            rows = caller_rows(query, catalog)
+            rows = catalog.rows_of(query.candidate_ids)  # a tombstone has no row; a dead row is masked
             if allowed is not None:
                 rows = rows[allowed[rows]]
             rows = union_rows(rows, np.array(include, dtype=np.int64))
             return retriever.signals(rows, embedding, retriever.lexical.scores(tokens))
+        dense_k, lexical_k = self.settings.depth(query.top_k)
         return retriever.retrieve(
             tokens,
             embedding,
-            dense_k=self.settings.depth(query.top_k)[0],
-            lexical_k=self.settings.depth(query.top_k)[1],
+            dense_k=dense_k,
+            lexical_k=lexical_k,
             allowed=allowed,
             include=np.array(include, dtype=np.int64),
             lexical=lexical,
@@ -475,19 +476,12 @@ def _left(deadline: float | None, budget: float | None) -> float | None:
     return max(MIN_CALL_S, deadline - time.monotonic() - RESERVE_FRACTION * budget)
 
 
-def caller_rows(query: RankQuery, catalog: Catalog) -> np.ndarray:
-    """The rows of the caller's candidate ids; an id deleted online without a row (a tombstone) has none,
-    and a dead row is left to the mask like any other."""
-    row_of = catalog.row_of
-    return np.array([row_of[i] for i in query.candidate_ids if i in row_of], dtype=np.int64)
-
-
 def _given(query: RankQuery, catalog: Catalog, allowed: np.ndarray | None) -> np.ndarray | None:
     """Where pins may come from: `allowed`, and for a rerank only the caller's items (rerank exactly these)."""
     if not query.candidate_ids:
         return allowed
     given = np.zeros(len(catalog), dtype=bool)
-    given[caller_rows(query, catalog)] = True
+    given[catalog.rows_of(query.candidate_ids)] = True
     return given if allowed is None else given & allowed
 
 

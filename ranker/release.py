@@ -239,6 +239,12 @@ class Catalog:
         """The ids a request may name: every row's, live or deleted online, and the tombstones."""
         return KnownIds(self.row_of, self.tombstones)
 
+    def rows_of(self, item_ids: Iterable[str]) -> np.ndarray:
+        """The rows of the ids that have one, live or deleted online; ids without a row (unknown, or
+        tombstones) are skipped."""
+        row_of = self.row_of
+        return np.array([row_of[i] for i in item_ids if i in row_of], dtype=np.int64)
+
     def live_row(self, item_id: str) -> int | None:
         """The item's row, or None when the id is unknown or the item was deleted online."""
         row = self.row_of.get(item_id)
@@ -255,7 +261,7 @@ class Catalog:
     def matches(self, rule: Rule) -> np.ndarray:
         """Boolean row mask of the items a rule names (by id, or by category/brand value)."""
         hit = np.zeros(len(self), dtype=bool)
-        hit[[self.row_of[i] for i in rule.item_ids if i in self.row_of]] = True
+        hit[self.rows_of(rule.item_ids)] = True
         if rule.field:
             hit[self.rows_with(rule.field, rule.values)] = True
         return hit

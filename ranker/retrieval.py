@@ -249,8 +249,7 @@ class DenseIndex:
 
     def _exact(self, query: np.ndarray, k: int, rows: np.ndarray) -> np.ndarray:
         """The k of `rows` nearest the query by exact inner product, best first, ties by row."""
-        scores = np.asarray(self.embeddings[rows] @ query.astype(np.float32), dtype=np.float32)
-        return best_rows(rows.astype(np.int64), scores, k)[0]
+        return best_rows(rows.astype(np.int64), self.similarities(query, rows), k)[0]
 
     def similarities(self, query: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Exact cosine between the query and the given items."""
