@@ -9,6 +9,9 @@ waits for the reply, then counts whether a Rank for the batch's first title has 
 Rank latency is measured before the upserts, while they run (from a second client) and after them
 (the overlay and the dead-row mask are then in the path); the bench's items are deleted at the end
 (unless --keep). Run it against a server with a scratch RANKER_STATE_DIR: the changes are journaled.
+With --replica (another server sharing --target's RANKER_CATALOG_STORE), each round also times how long
+after the upsert's reply that replica serves the batch: it is asked to Rank the batch's last item by id
+every 2 ms until it stops refusing the id as unknown.
 With --release instead of a server, it times the overlay in-process (ranker.catalog_overlay): building
 the next snapshot, retrieval over 0 / 2,000 / 10,000 appended rows, and a full BM25 rebuild for comparison.
 """
@@ -57,6 +60,20 @@ def rank_latencies(stub: ranker_pb2_grpc.RankerStub, queries: Sequence[str]) -> 
     return out
 
 
+def replica_lag_ms(stub: ranker_pb2_grpc.RankerStub, item_id: str, timeout_s: float = 30.0) -> float:
+    """Milliseconds until `stub`'s server knows `item_id` (a Rank naming it is no longer INVALID_ARGUMENT)."""
+    start = time.perf_counter()
+    request = ranker_pb2.RankRequest(query="", top_k=1, candidate_ids=[item_id])
+    while True:
+        try:
+            stub.Rank(request, timeout=5)
+            return (time.perf_counter() - start) * 1000.0
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.INVALID_ARGUMENT or time.perf_counter() - start > timeout_s:
+                raise
+        time.sleep(0.002)
+
+
 class RankLoop(threading.Thread):
     """Rank calls back to back on their own channel while the upserts run: what shoppers see meanwhile."""
 
@@ -82,12 +99,13 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     pool = iter(titles[args.rank_queries :])
     report: dict[str, object] = {"target": args.target, "batches": {}}
     created: list[str] = []
-    with grpc.insecure_channel(args.target) as channel:
+    with grpc.insecure_channel(args.target) as channel, grpc.insecure_channel(args.replica or args.target) as other:
         stub = ranker_pb2_grpc.RankerStub(channel)
+        replica = ranker_pb2_grpc.RankerStub(other) if args.replica else None
         rank_latencies(stub, queries[:5])  # warm-up
         report["rank_before"] = percentiles(rank_latencies(stub, queries))
         for batch in batches:
-            latencies, found = [], 0
+            latencies, found, lags = [], 0, []
             loop = RankLoop(args.target, queries)
             loop.start()
             for r in range(args.rounds):
@@ -100,6 +118,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                 latencies.append((time.perf_counter() - start) * 1000.0)
                 assert reply.inserted + reply.updated == batch
                 created += [item.item_id for item in items]
+                if replica is not None:
+                    lags.append(replica_lag_ms(replica, items[-1].item_id))
                 ranked = stub.Rank(ranker_pb2.RankRequest(query=items[0].title, top_k=10), timeout=30)
                 found += int(items[0].item_id in [i.item_id for i in ranked.items])
             loop.stop.set()
@@ -109,6 +129,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                 "first_item_in_top10_of_its_title": found / args.rounds,
                 "rank_meanwhile": percentiles(loop.latencies_ms),
             }
+            if lags:
+                summary["replica_serves_it_after_reply"] = percentiles(lags)
             report["batches"][str(batch)] = summary  # type: ignore[index]
             if not args.json:
                 print(f"upsert {batch:>4} items: {report['batches'][str(batch)]}", file=sys.stderr)  # type: ignore[index]
@@ -195,6 +217,9 @@ def run_in_process(args: argparse.Namespace) -> dict[str, object]:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m ranker.bench_catalog", description=__doc__.split("\n")[0])
     parser.add_argument("--target", default="localhost:50051")
+    parser.add_argument(
+        "--replica", help="another server sharing --target's RANKER_CATALOG_STORE: time until it serves each batch"
+    )
     parser.add_argument("--release", type=Path, help="no server: time the overlay itself on this release, in-process")
     parser.add_argument("--titles", type=Path, required=True, help="catalog CSV to sample the items' titles from")
     parser.add_argument("--batches", default="1,100", help="comma-separated batch sizes")

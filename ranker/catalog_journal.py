@@ -141,6 +141,22 @@ def _change(record: dict[str, Any], dim: int) -> Change:
     return Upsert(items, vectors.reshape(len(items), dim))
 
 
+def encode_change(change: Change) -> bytes:
+    """One change as a self-checking record ("<crc32 hex> <json>\\n"), as a journal line holds it."""
+    return _change_line(change)
+
+
+def decode_change(data: bytes, dim: int) -> Change:
+    """The change `encode_change` wrote; JournalError when the record is damaged or not a change."""
+    record = _decode(data)
+    if record is None:
+        raise JournalError("damaged change record (checksum or JSON)")
+    try:
+        return _change(record, dim)
+    except (KeyError, TypeError, ValueError) as e:
+        raise JournalError(f"not a valid change record: {e}") from e
+
+
 def _fsync_directory(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:

@@ -119,6 +119,17 @@ class Settings(BaseSettings):
         description="writable folder for what outlives a restart, e.g. catalog/journal.jsonl (online catalog updates)",
     )
 
+    catalog_store: str = Field(
+        default="embedded",
+        pattern=r"^(embedded|(redis|rediss|unix)://.*)$",
+        description="where online catalog changes are kept: 'embedded' (a journal file under state_dir, this "
+        "replica only) or a Redis URL, a change log every replica appends to and applies "
+        "(docs/catalog-updates.md)",
+    )
+    catalog_store_password_file: FilePath | None = Field(
+        default=None, description="file holding the Redis catalog store's password (AUTH), read at start-up"
+    )
+
     # User profiles and RecordEvents (docs/personalization.md).
     profile_store: str = Field(
         default="embedded",

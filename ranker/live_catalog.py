@@ -37,9 +37,10 @@ from ranker.catalog_journal import (
     fold,
     read,
 )
+from ranker.catalog_log import FIRST, CatalogLog, LogEntry, after
 from ranker.catalog_overlay import Applied, CatalogSnapshot
 from ranker.domain import CatalogItem
-from ranker.errors import BackendFailed, BackendTimeout, BackendUnavailable, NotConfigured
+from ranker.errors import BackendError, BackendFailed, BackendTimeout, BackendUnavailable, NotConfigured
 from ranker.models import CachedEncoder, Encoder, QueryTokenizer
 from ranker.pipeline import Ranker
 from ranker.release import ENCODER_MODEL, TOKENIZER, Manifest, Release
@@ -55,6 +56,8 @@ DEFAULT_MAX_TITLE_TOKENS = 64  # offline.encoder.MAX_TITLE_TOKENS, for manifests
 JOURNAL_DIR = "catalog"
 COMPACT_MIN_ENTRIES = 1000  # at start, rewrite a journal this long when most of it is superseded
 BACKEND = f"triton:{ENCODER_MODEL}"
+FOLLOW_BLOCK_S = 1.0  # a shared log's tail waits this long per read for new entries
+FOLLOW_RETRY_S = 1.0  # after a failed read or apply, the tail tries again this much later
 
 
 class CatalogRetired(BackendUnavailable):
@@ -151,6 +154,10 @@ class LiveCatalog:
         self._journal: CatalogJournal | None = None
         self._disabled: str | None = None  # why updates are refused, when they are
         self._retired: str | None = None  # set when a release swap replaced this catalog (see retire)
+        self._log: CatalogLog | None = None  # the change log shared by the replicas, when there is one
+        self._log_id = FIRST  # the last entry of it applied here
+        self._follower: asyncio.Task[None] | None = None
+        self._call_timeout: float | None = None
         self._lock = asyncio.Lock()
         self._analyzer = Analyzer()  # its own: analysis runs in a worker thread, Stemmer objects are not shared
         self.dim = ranker.release.manifest.embedding_dim
@@ -201,6 +208,85 @@ class LiveCatalog:
             raise
         live._journal = journal
         return live
+
+    @classmethod
+    async def open_shared(
+        cls, ranker: Ranker, *, tokenizer: TextTokenizer, shared: CatalogLog, call_timeout: float | None = None
+    ) -> LiveCatalog:
+        """The live catalog with every entry of the shared change log applied, then tailing it: changes another
+        replica appends are applied here within about a second (docs/catalog-updates.md). The state
+        directory's journal is not used. BackendError when the log cannot be read, or holds entries of another
+        text encoder and Triton cannot embed them again."""
+        live = cls(ranker, tokenizer=tokenizer)
+        live._log, live._call_timeout = shared, call_timeout
+        started = time.perf_counter()
+        entries = await shared.read(FIRST)
+        applied = await live._apply_entries(entries)
+        log_name = getattr(shared, "key", type(shared).__name__)
+        log.info(
+            "catalog log %s replayed onto release %s in %.0f ms: %d entries, %d items present, %d deleted",
+            log_name,
+            ranker.release.manifest.release_id,
+            (time.perf_counter() - started) * 1000,
+            len(entries),
+            applied.inserted + applied.updated,
+            applied.deleted,
+        )
+        live._follower = asyncio.create_task(live._follow(), name=f"catalog log {log_name}")
+        return live
+
+    async def _apply_entries(self, entries: Sequence[LogEntry]) -> Applied:
+        """Apply log entries (in their order) as one new snapshot; titles embedded by another text encoder are
+        embedded again with this release's. Installs the snapshot and records the last entry as applied."""
+        if not entries:
+            return Applied()
+        upserts, deletes = fold(entry.change for entry in entries)
+        encoders = {
+            item.item_id: entry.encoder
+            for entry in entries
+            if isinstance(entry.change, Upsert)
+            for item in entry.change.items
+        }
+        mine = encoder_fingerprint(self._base.release.manifest)
+        foreign = [i for i, (item, _) in enumerate(upserts) if encoders[item.item_id] != mine]
+        if foreign:
+            log.warning("catalog log: embedding %d items written with another text encoder again", len(foreign))
+            titles = [upserts[i][0].title for i in foreign]
+            vectors = await embed_titles(
+                self._base.encoder, self._tokenizer, titles, dim=self.dim, timeout=None, call_timeout=self._call_timeout
+            )
+            for i, vector in zip(foreign, vectors, strict=True):
+                upserts[i] = (upserts[i][0], vector)
+        snapshot, applied = await asyncio.to_thread(self._snapshot.apply, upserts, deletes, self._analyzer)
+        # As in a journal replay: a delete of an item with no row here still makes its id known.
+        self._install(snapshot.with_tombstones(applied.not_found))
+        self._log_id = entries[-1].id
+        return applied
+
+    async def _follow(self) -> None:
+        """Until cancelled: apply the entries other replicas append to the shared log."""
+        assert self._log is not None
+        failing = ""
+        while not self._retired:
+            try:
+                entries = await self._log.wait(self._log_id, block_s=FOLLOW_BLOCK_S)
+                if entries:
+                    async with self._lock:
+                        fresh = [e for e in entries if after(e.id, self._log_id)]  # a local write may be ahead
+                        if fresh and not self._retired:
+                            applied = await self._apply_entries(fresh)
+                            log.info(
+                                "catalog log: %d entries from other replicas applied up to %s (%d deleted)",
+                                len(fresh),
+                                self._log_id,
+                                applied.deleted,
+                            )
+                failing = ""
+            except BackendError as e:
+                if str(e) != failing:  # once per distinct failure, not once a second
+                    log.error("catalog log: cannot apply new entries, retrying every %.0f s: %s", FOLLOW_RETRY_S, e)
+                    failing = str(e)
+                await asyncio.sleep(FOLLOW_RETRY_S)
 
     async def _replay(
         self,
@@ -286,6 +372,8 @@ class LiveCatalog:
         async with self._lock:
             if self._retired:  # retired while this change waited for the lock
                 raise CatalogRetired(self._retired)
+            if self._log is not None:
+                return await self._apply_shared(change, self._log)
             upserts: list[tuple[CatalogItem, np.ndarray]] = []
             deletes: tuple[str, ...] = ()
             if isinstance(change, Upsert):
@@ -306,6 +394,29 @@ class LiveCatalog:
                     raise BackendUnavailable("catalog journal", "cannot persist the change; nothing was applied") from e
             self._install(snapshot)
             return applied
+
+    async def _apply_shared(self, change: Change, shared: CatalogLog) -> Applied:
+        """Append the change to the shared log and apply it here in log order (under the lock): first the
+        entries before it, so every replica ends in the same state; it is visible here when this returns."""
+        await self._apply_entries(await shared.read(self._log_id))  # catch up: deletes are checked against the latest
+        upserts, deletes = _parts(change)
+        snapshot, applied = await asyncio.to_thread(self._snapshot.apply, upserts, deletes, self._analyzer)
+        if isinstance(change, Delete):  # only what was deleted, as in the journal
+            absent = set(applied.not_found)
+            change = Delete(tuple(i for i in change.item_ids if i not in absent))
+            if not change.item_ids:
+                return applied
+        manifest = self._base.release.manifest
+        entry_id = await shared.append(change, encoder=encoder_fingerprint(manifest), dim=self.dim)
+        # From here the change is in the log: a failure below leaves it to the tail (a retry is safe).
+        others = [e for e in await shared.read(self._log_id, until=entry_id) if e.id != entry_id]
+        if others:  # another replica appended in between: its changes come first here too
+            await self._apply_entries(others)
+            upserts, deletes = _parts(change)
+            snapshot, applied = await asyncio.to_thread(self._snapshot.apply, upserts, deletes, self._analyzer)
+        self._install(snapshot)
+        self._log_id = entry_id
+        return applied
 
     def _install(self, snapshot: CatalogSnapshot) -> None:
         self._snapshot = snapshot
@@ -336,3 +447,13 @@ class LiveCatalog:
         journal, self._journal = self._journal, None  # closed once: the descriptor number may be reused
         if journal is not None:
             journal.close()
+        follower, self._follower = self._follower, None
+        if follower is not None:
+            follower.cancel()  # the shared log itself belongs to the server, which closes it
+
+
+def _parts(change: Change) -> tuple[list[tuple[CatalogItem, np.ndarray]], tuple[str, ...]]:
+    """(upserts, deletes) of one change, as CatalogSnapshot.apply takes them."""
+    if isinstance(change, Upsert):
+        return list(zip(change.items, change.embeddings, strict=True)), ()
+    return [], change.item_ids

@@ -439,14 +439,15 @@ class EmbeddedProfileStore:
 
 
 @contextlib.contextmanager
-def _redis_errors() -> Iterator[None]:
-    """Redis errors as the service's backend errors (one seam per external system)."""
+def redis_errors_as_backend(password_setting: str = "RANKER_PROFILE_STORE_PASSWORD_FILE") -> Iterator[None]:
+    """Redis errors as the service's backend errors (one seam per external system); an authentication
+    failure names the setting that holds the password."""
     try:
         yield
     except redis_errors.TimeoutError as e:
         raise BackendTimeout("redis", "no answer in time") from e
     except redis_errors.AuthenticationError as e:
-        raise BackendRefused("redis", f"authentication refused (RANKER_PROFILE_STORE_PASSWORD_FILE): {e}") from e
+        raise BackendRefused("redis", f"authentication refused ({password_setting}): {e}") from e
     except redis_errors.ConnectionError as e:
         raise BackendUnavailable("redis", f"cannot reach the server: {e}") from e
     except redis_errors.RedisError as e:
@@ -498,12 +499,12 @@ class RedisProfileStore:
         return f"{self._prefix}:profile:{tag}", f"{self._prefix}:events:{tag}"
 
     async def ping(self) -> None:
-        with _redis_errors():
+        with redis_errors_as_backend():
             await self._redis.ping()
 
     async def get(self, user_id: str) -> Profile | None:
         profile_key, _ = self._keys(user_id)
-        with _redis_errors():
+        with redis_errors_as_backend():
             data = await self._redis.get(profile_key)
         return Profile.from_bytes(_as_bytes(data)) if data else None
 
@@ -523,7 +524,7 @@ class RedisProfileStore:
         profile_key, events_key = self._keys(user_id)
         unique, repeated = _fresh_first(events)
         members = [event_key(e.event_id) for e in unique]
-        with _redis_errors():
+        with redis_errors_as_backend():
             async with self._redis.pipeline(transaction=True) as pipe:
                 for _ in range(self.MAX_ATTEMPTS):
                     try:
@@ -553,7 +554,7 @@ class RedisProfileStore:
         raise BackendFailed("redis", f"profile update conflicted {self.MAX_ATTEMPTS} times in a row")
 
     async def forget(self, user_id: str) -> bool:
-        with _redis_errors():
+        with redis_errors_as_backend():
             return bool(await self._redis.delete(*self._keys(user_id)))
 
     async def close(self) -> None:

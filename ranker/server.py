@@ -18,10 +18,11 @@ from threadpoolctl import threadpool_limits
 
 from ranker import observability, privacy, profiles, security, tracing
 from ranker.catalog_journal import JournalError
+from ranker.catalog_log import CatalogLog, RedisCatalogLog
 from ranker.config import Settings
 from ranker.domain import RankQuery
 from ranker.errors import BackendError, BackendRefused, NotConfigured, NotFound
-from ranker.live_catalog import CatalogUpdates, LiveCatalog, item_tokenizer
+from ranker.live_catalog import FOLLOW_BLOCK_S, CatalogUpdates, LiveCatalog, item_tokenizer
 from ranker.models import ONNX_FILE, CachedEncoder, Encoder, OnnxScorer, QueryTokenizer, Scorer
 from ranker.personal import Personalizer
 from ranker.pipeline import PipelineSettings, Ranker
@@ -239,6 +240,30 @@ async def open_personalizer(settings: Settings) -> Personalizer | None:
     )
 
 
+async def open_catalog_log(settings: Settings) -> RedisCatalogLog | None:
+    """The catalog change log the replicas share (RANKER_CATALOG_STORE), checked; None for 'embedded'.
+    SystemExit when it is configured but cannot be reached: a replica that has not applied the log would
+    serve a catalog the others do not."""
+    if settings.catalog_store == "embedded":
+        if settings.catalog_store_password_file is not None:
+            raise SystemExit("RANKER_CATALOG_STORE_PASSWORD_FILE needs a Redis catalog store, not 'embedded'")
+        return None
+    location = profiles.redacted(settings.catalog_store)
+    shared = RedisCatalogLog.from_url(
+        settings.catalog_store,
+        timeout_s=max(settings.triton_timeout_s, 2.0),
+        block_s=FOLLOW_BLOCK_S,
+        password=read_secret(settings.catalog_store_password_file, "catalog_store_password_file"),
+    )
+    try:
+        await shared.check()
+    except BackendError as e:
+        await shared.close()
+        raise SystemExit(f"cannot open the catalog store {location!r}: {e}") from e
+    log.info("catalog changes shared through %s (%s)", location, shared.key)
+    return shared
+
+
 def read_secret(path: Path | None, setting: str) -> str | None:
     """A one-line secret from a file (a mounted Secret), without its trailing newline; SystemExit when the file
     is unreadable or empty, naming the setting and never the content."""
@@ -253,26 +278,37 @@ def read_secret(path: Path | None, setting: str) -> str | None:
     return secret
 
 
-async def live_catalog(ranker: Ranker, settings: Settings) -> LiveCatalog:
-    """The ranker with the catalog changes journaled in the state directory replayed (docs/catalog-updates.md).
+async def live_catalog(ranker: Ranker, settings: Settings, shared: CatalogLog | None = None) -> LiveCatalog:
+    """The ranker with the catalog changes replayed (docs/catalog-updates.md): those of the change log the
+    replicas share, when there is one, otherwise those journaled in the state directory.
 
     An unwritable default state directory turns catalog updates off (FAILED_PRECONDITION) rather than
     stopping the server; one set explicitly (RANKER_STATE_DIR) must be writable (OSError otherwise)."""
+    call_timeout = max(settings.triton_timeout_s, 30.0)
+    if shared is not None:
+        return await LiveCatalog.open_shared(
+            ranker, tokenizer=item_tokenizer(ranker.release), shared=shared, call_timeout=call_timeout
+        )
     return await LiveCatalog.open(
         ranker,
         tokenizer=item_tokenizer(ranker.release),
         state_dir=settings.state_dir,
-        call_timeout=max(settings.triton_timeout_s, 30.0),
+        call_timeout=call_timeout,
         writable="state_dir" in settings.model_fields_set,
     )
 
 
-def release_switch(settings: Settings, models: TritonModels, personalizer: Personalizer | None) -> ReleaseSwitch:
+def release_switch(
+    settings: Settings,
+    models: TritonModels,
+    personalizer: Personalizer | None,
+    catalog_log: CatalogLog | None = None,
+) -> ReleaseSwitch:
     """The serving release and its swaps (ranker.swap), with these settings' pipeline and catalog."""
     parts = ReleaseParts(
         load=lambda path: load_release(settings, path),
         build=lambda release, names: build_ranker(release, models, settings, personalizer, names),
-        open_catalog=lambda ranker: live_catalog(ranker, settings),
+        open_catalog=lambda ranker: live_catalog(ranker, settings, catalog_log),
     )
     return ReleaseSwitch(
         parts,
@@ -340,14 +376,16 @@ async def _serve_release(settings: Settings, path: Path) -> None:
         models = TritonModels(url)
         try:
             personalizer = await open_personalizer(settings)
-            switch = release_switch(settings, models, personalizer)
+            catalog_log = await open_catalog_log(settings)
+            switch = release_switch(settings, models, personalizer, catalog_log)
             try:
                 # Without Triton it serves anyway: Rank degrades to lexical retrieval until Triton is back.
                 ranker = await switch.start(release)
             except (NotConfigured, NotFound) as e:
                 raise SystemExit(str(e)) from e
             except (JournalError, BackendError, OSError) as e:
-                raise SystemExit(f"cannot replay the catalog updates in {settings.state_dir}: {e}") from e
+                where = profiles.redacted(settings.catalog_store) if catalog_log else settings.state_dir
+                raise SystemExit(f"cannot replay the catalog updates in {where}: {e}") from e
             observability.METRICS.set_release(release.manifest.release_id, ranker.model_versions)
             await warm_up(ranker, settings.triton_timeout_s)
             running = await start_server(settings, switch.current, catalog=switch, switch=switch)
@@ -371,6 +409,8 @@ async def _serve_release(settings: Settings, path: Path) -> None:
             switch.close()
             if personalizer is not None:
                 await personalizer.store.close()
+            if catalog_log is not None:
+                await catalog_log.close()
         finally:
             await models.close()
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 import polars as pl
 import pytest
 
+from ranker.bench_catalog import replica_lag_ms
 from ranker.tritonserver import LocalTritonServer
 from ranker.v1 import ranker_pb2, ranker_pb2_grpc
 from tests.integration.conftest import RankerProcess, free_port
@@ -147,3 +149,41 @@ def test_without_the_text_encoder_an_upsert_is_unavailable_and_applies_nothing(
         assert stub.DeleteItems(ranker_pb2.DeleteItemsRequest(item_ids=["sku-00001"]), timeout=30).deleted == 1
     journal = (state_dir / "catalog" / "journal.jsonl").read_text().splitlines()
     assert len(journal) == 2 and '"kind":"delete"' in journal[1]  # the header and the delete, no upsert
+
+
+def test_replicas_sharing_a_redis_catalog_store_serve_each_others_changes(
+    example_release: Path, triton: LocalTritonServer, redis_url: str, tmp_path: Path
+) -> None:
+    """Two ranker processes with RANKER_CATALOG_STORE on one real redis-server: a change made on either is
+    served by both, and a replica started later replays all of them."""
+    store = {"RANKER_CATALOG_STORE": redis_url.replace("/0", "/3")}  # a database of its own
+    drill, query = "sku-00001", "ryobi 20v compact cordless drill"
+
+    def served(stub: ranker_pb2_grpc.RankerStub, text: str, k: int = 50) -> list[str]:
+        return [i.item_id for i in top(stub, text, k)]
+
+    def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not check():
+            assert time.monotonic() < deadline, "the other replica did not apply the change in time"
+            time.sleep(0.05)
+
+    a = serve(example_release, triton.grpc_url, tmp_path / "a-state", tmp_path / "a", **store)
+    b = serve(example_release, triton.grpc_url, tmp_path / "b-state", tmp_path / "b", **store)
+    with a as target_a, b as target_b, client(target_a) as stub_a, client(target_b) as stub_b:
+        reply = stub_a.UpsertItems(ranker_pb2.UpsertItemsRequest(items=[TROWEL]), timeout=60)
+        assert (reply.inserted, reply.updated) == (1, 0)
+        assert served(stub_a, TROWEL_QUERY, 10)[0] == TROWEL.item_id  # at once on the replica that took it
+        assert replica_lag_ms(stub_b, TROWEL.item_id, timeout_s=10) < 10_000  # B knows the id (bench_catalog)
+        assert served(stub_b, TROWEL_QUERY, 10)[0] == TROWEL.item_id
+        reply = stub_b.DeleteItems(ranker_pb2.DeleteItemsRequest(item_ids=[drill]), timeout=30)
+        assert reply.deleted == 1
+        eventually(lambda: drill not in served(stub_a, query))
+        assert stub_a.DeleteItems(ranker_pb2.DeleteItemsRequest(item_ids=[drill]), timeout=30).deleted == 0
+    assert not (tmp_path / "a-state" / "catalog").exists()  # the shared store, not the state directory
+
+    late = serve(example_release, triton.grpc_url, tmp_path / "c-state", tmp_path / "c", **store)
+    with late as target, client(target) as stub:
+        assert served(stub, TROWEL_QUERY, 10)[0] == TROWEL.item_id
+        assert drill not in served(stub, query)
+    assert "catalog log ranker:catalog:log replayed" in late.logs()
