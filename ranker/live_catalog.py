@@ -282,9 +282,14 @@ class LiveCatalog:
                                 applied.deleted,
                             )
                 failing = ""
-            except BackendError as e:
+            except Exception as e:  # the tail must outlive any one failure
                 if str(e) != failing:  # once per distinct failure, not once a second
-                    log.error("catalog log: cannot apply new entries, retrying every %.0f s: %s", FOLLOW_RETRY_S, e)
+                    log.error(
+                        "catalog log: cannot apply new entries, retrying every %.0f s: %s",
+                        FOLLOW_RETRY_S,
+                        e,
+                        exc_info=not isinstance(e, BackendError),  # a traceback for what is not a backend's fault
+                    )
                     failing = str(e)
                 await asyncio.sleep(FOLLOW_RETRY_S)
 
