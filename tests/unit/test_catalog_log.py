@@ -7,68 +7,23 @@ LiveCatalog is tested over ListLog (the CatalogLog protocol over a list) and ove
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pytest
 import redis
 
-from ranker.catalog_journal import Change, Delete, Upsert, decode_change, encode_change
-from ranker.catalog_log import FIRST, LogEntry, RedisCatalogLog, after, entry_order
+from ranker.catalog_journal import Delete, Upsert, decode_change
+from ranker.catalog_log import FIRST, RedisCatalogLog, after, entry_order
 from ranker.domain import CatalogItem, RankQuery
 from ranker.errors import BackendFailed, BackendUnavailable
 from ranker.live_catalog import LiveCatalog, encoder_fingerprint
 from ranker.pipeline import PipelineSettings, Ranker
-from tests.unit.fakes import FakeEncoder, FakeScorer, FakeTokenizer, embed, tiny_release
+from tests.unit.fakes import FakeEncoder, FakeScorer, FakeTokenizer, ListLog, embed, tiny_release
 
 LADDER = CatalogItem(item_id="n1", title="Werner folding step ladder", category="ladders", brand="Werner", price=89.0)
 REEL = CatalogItem(item_id="n1", title="Garden hose reel cart")
-
-
-class ListLog:
-    """CatalogLog over a list, stored encoded as the stream stores it. `before_append` runs first in append()."""
-
-    def __init__(self) -> None:
-        self.records: list[tuple[str, bytes, str, int]] = []
-        self.fail = False
-        self.before_append: Callable[[], Awaitable[None]] | None = None
-        self._grown = asyncio.Event()
-
-    async def append(self, change: Change, *, encoder: str, dim: int) -> str:
-        if self.before_append is not None:
-            hook, self.before_append = self.before_append, None
-            await hook()
-        self._check()
-        entry_id = f"{len(self.records) + 1}-0"
-        self.records.append((entry_id, encode_change(change), encoder, dim))
-        self._grown.set()
-        self._grown = asyncio.Event()
-        return entry_id
-
-    async def read(self, since: str, *, until: str | None = None) -> list[LogEntry]:
-        self._check()
-        return [
-            LogEntry(i, decode_change(data, dim), encoder)
-            for i, data, encoder, dim in self.records
-            if after(i, since) and (until is None or not after(i, until))
-        ]
-
-    async def wait(self, since: str, *, block_s: float) -> list[LogEntry]:
-        entries = await self.read(since)
-        if not entries:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._grown.wait(), block_s)
-            entries = await self.read(since)
-        return entries
-
-    async def close(self) -> None:
-        pass
-
-    def _check(self) -> None:
-        if self.fail:
-            raise BackendUnavailable("redis", "cannot reach the server")
 
 
 class Replica:

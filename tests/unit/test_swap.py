@@ -14,7 +14,7 @@ import grpc
 import numpy as np
 import pytest
 
-from ranker.catalog_journal import JournalError, read
+from ranker.catalog_journal import JournalError, Upsert, read
 from ranker.domain import CatalogItem, RankQuery, RankResult
 from ranker.errors import (
     BackendFailed,
@@ -25,7 +25,7 @@ from ranker.errors import (
     RankerError,
     status_code,
 )
-from ranker.live_catalog import JOURNAL_DIR, LiveCatalog
+from ranker.live_catalog import JOURNAL_DIR, LiveCatalog, encoder_fingerprint
 from ranker.pipeline import PipelineSettings, Ranker
 from ranker.release import Release
 from ranker.retrieval import DenseRetriever, HybridRetriever
@@ -42,7 +42,7 @@ from ranker.swap import (
     triton_name,
 )
 from ranker.v1 import ranker_pb2
-from tests.unit.fakes import FakeEncoder, FakeScorer, FakeTokenizer, tiny_release
+from tests.unit.fakes import FakeEncoder, FakeScorer, FakeTokenizer, ListLog, embed, tiny_release
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATES = ROOT / "triton_models"
@@ -148,6 +148,7 @@ class World:
         self.releases = {r.path: r for r in (fake_release(tmp_path, i) for i in ids)}
         self.a, self.b, self.c = (tmp_path / i for i in ids)
         self.state_dir: Path | None = tmp_path / "state"
+        self.shared: ListLog | None = None  # a catalog log shared with other replicas, instead of the journal
         self.encoders: dict[str, OnTriton] = {}
         self.scorers: dict[str, OnTriton] = {}
         self.load_gate: threading.Event | None = None
@@ -202,6 +203,8 @@ class World:
             await self.catalog_gate.wait()
         if self.catalog_fails:
             raise JournalError("journal.jsonl: line 3 is damaged")
+        if self.shared is not None:
+            return await LiveCatalog.open_shared(ranker, tokenizer=self.tokenizer, shared=self.shared)
         return await LiveCatalog.open(ranker, tokenizer=self.tokenizer, state_dir=self.state_dir)
 
     async def start(self) -> None:
@@ -598,6 +601,37 @@ def test_a_catalog_update_during_a_swap_lands_in_the_new_release(tmp_path: Path)
         assert world.state_dir is not None
         header, changes, _ = read(world.state_dir / JOURNAL_DIR / "journal.jsonl")
         assert header is not None and header.release_id == "rel-B" and len(changes) == 1
+
+    run(body)
+
+
+def test_with_a_shared_catalog_log_the_new_release_applies_what_other_replicas_write(tmp_path: Path) -> None:
+    world = World(tmp_path)
+    world.shared = ListLog()
+    ladder = CatalogItem(item_id="n1", title="Werner folding step ladder", category="ladders")
+    reel = CatalogItem(item_id="n2", title="Garden hose reel cart")
+
+    async def another_replica_upserts(item: CatalogItem) -> None:
+        assert world.shared is not None
+        fingerprint = encoder_fingerprint(world.releases[world.a].manifest)
+        await world.shared.append(Upsert((item,), embed(item.title)[None, :]), encoder=fingerprint, dim=16)
+
+    async def body() -> None:
+        await world.start()
+        await world.switch.upsert([ladder], timeout=5)
+        assert world.switch._active is not None
+        old = world.switch._active.catalog
+        await world.switch.load(world.b)
+        ranker = world.switch.current()
+        assert ranker.release.manifest.release_id == "rel-B" and ranker.release.catalog.live_row("n1") is not None
+        await another_replica_upserts(reel)
+        for _ in range(200):  # the new release's catalog tails the log
+            if world.switch.current().release.catalog.live_row("n2") is not None:
+                break
+            await asyncio.sleep(0.01)
+        assert world.switch.current().release.catalog.live_row("n2") is not None
+        assert old.current().release.catalog.live_row("n2") is None  # the retired catalog stopped following
+        assert world.state_dir is not None and not (world.state_dir / JOURNAL_DIR).exists()
 
     run(body)
 
