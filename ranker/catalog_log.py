@@ -31,7 +31,7 @@ from redis import exceptions as redis_errors
 
 from ranker.catalog_journal import Change, JournalError, decode_change, encode_change
 from ranker.errors import BackendFailed
-from ranker.profiles import redis_errors_as_backend
+from ranker.profiles import RedisTls, connection_options, redis_errors_as_backend
 
 log = logging.getLogger(__name__)
 
@@ -111,9 +111,16 @@ class RedisCatalogLog:
 
     @classmethod
     def from_url(
-        cls, url: str, *, timeout_s: float, block_s: float, password: str | None = None, prefix: str = "ranker"
+        cls,
+        url: str,
+        *,
+        timeout_s: float,
+        block_s: float,
+        password: str | None = None,
+        tls: RedisTls | None = None,
+        prefix: str = "ranker",
     ) -> RedisCatalogLog:
-        extra: dict[str, Any] = {} if password is None else {"password": password}
+        extra = connection_options(url, password, tls)
 
         def client(read_timeout: float) -> aioredis.Redis:
             return aioredis.Redis.from_url(url, socket_timeout=read_timeout, socket_connect_timeout=timeout_s, **extra)

@@ -130,6 +130,15 @@ class Settings(BaseSettings):
         default=None, description="file holding the Redis catalog store's password (AUTH), read at start-up"
     )
 
+    # TLS to Redis (both stores above, with rediss:// URLs): managed Redis services usually require it.
+    redis_tls_ca_file: FilePath | None = Field(
+        default=None, description="PEM CA bundle that verifies a rediss:// server (default: the system's CAs)"
+    )
+    redis_tls_cert_file: FilePath | None = Field(
+        default=None, description="PEM client certificate for a rediss:// server that requires one (mTLS)"
+    )
+    redis_tls_key_file: FilePath | None = Field(default=None, description="PEM private key of redis_tls_cert_file")
+
     # User profiles and RecordEvents (docs/personalization.md).
     profile_store: str = Field(
         default="embedded",
@@ -193,6 +202,12 @@ class Settings(BaseSettings):
             raise ValueError("tls_cert_file and tls_key_file must be set together")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             raise ValueError("tls_client_ca_file (mTLS) needs tls_cert_file and tls_key_file")
+        if (self.redis_tls_cert_file is None) != (self.redis_tls_key_file is None):
+            raise ValueError("redis_tls_cert_file and redis_tls_key_file must be set together")
+        redis_tls = (self.redis_tls_ca_file, self.redis_tls_cert_file)
+        stores = (self.profile_store, self.catalog_store)
+        if any(f is not None for f in redis_tls) and not any(s.startswith("rediss://") for s in stores):
+            raise ValueError("redis_tls_* settings need a rediss:// profile_store or catalog_store")
         if self.auth_tokens is not None and not self.auth_tokens.get_secret_value().replace(",", " ").split():
             # An empty secret (say, a template whose value was missing) must not quietly turn auth off.
             raise ValueError("auth_tokens is set but holds no token; unset it to run without tokens")

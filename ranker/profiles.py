@@ -438,6 +438,29 @@ class EmbeddedProfileStore:
             self._db.close()
 
 
+@dataclass(frozen=True)
+class RedisTls:
+    """Files for TLS to a rediss:// server (RANKER_REDIS_TLS_*): the CA that verifies it (None: the system's)
+    and a client certificate with its key, for a server that requires one."""
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
+def connection_options(url: str, password: str | None, tls: RedisTls | None) -> dict[str, Any]:
+    """Keyword arguments of redis.Redis.from_url for `url`: the password, and the TLS files when the URL is
+    rediss:// (the server's certificate is always verified, its host name included)."""
+    options: dict[str, Any] = {} if password is None else {"password": password}
+    if url.startswith("rediss://"):
+        options["ssl_cert_reqs"] = "required"
+        options["ssl_check_hostname"] = True
+        if tls is not None:
+            files = {"ssl_ca_certs": tls.ca_file, "ssl_certfile": tls.cert_file, "ssl_keyfile": tls.key_file}
+            options.update({key: str(path) for key, path in files.items() if path is not None})
+    return options
+
+
 @contextlib.contextmanager
 def redis_errors_as_backend(password_setting: str = "RANKER_PROFILE_STORE_PASSWORD_FILE") -> Iterator[None]:
     """Redis errors as the service's backend errors (one seam per external system); an authentication
@@ -489,8 +512,16 @@ class RedisProfileStore:
         self._clock = clock
 
     @classmethod
-    def from_url(cls, url: str, *, timeout_s: float, password: str | None = None, **kwargs: Any) -> RedisProfileStore:
-        extra: dict[str, Any] = {} if password is None else {"password": password}
+    def from_url(
+        cls,
+        url: str,
+        *,
+        timeout_s: float,
+        password: str | None = None,
+        tls: RedisTls | None = None,
+        **kwargs: Any,
+    ) -> RedisProfileStore:
+        extra = connection_options(url, password, tls)
         client = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, **extra)
         return cls(client, **kwargs)
 
@@ -571,6 +602,7 @@ def open_store(
     timeout_s: float,
     max_event_ids: int = 10_000,
     password: str | None = None,
+    tls: RedisTls | None = None,
 ) -> EmbeddedProfileStore | RedisProfileStore:
     """The store a RANKER_PROFILE_STORE value names: "embedded" (a file in state_dir) or a redis:// URL
     (`password`, when given, replaces any password in the URL)."""
@@ -585,6 +617,7 @@ def open_store(
             location,
             timeout_s=timeout_s,
             password=password,
+            tls=tls,
             ttl_s=ttl_s,
             dedup_ttl_s=dedup_ttl_s,
             max_event_ids=max_event_ids,

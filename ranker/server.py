@@ -216,6 +216,7 @@ async def open_personalizer(settings: Settings) -> Personalizer | None:
             timeout_s=max(settings.profile_timeout_s, 1.0),
             max_event_ids=settings.event_dedup_max_ids,
             password=read_secret(settings.profile_store_password_file, "profile_store_password_file"),
+            tls=redis_tls(settings),
         )
     except ValueError as e:
         raise SystemExit(f"cannot open the profile store {location!r}: {e}") from e
@@ -254,6 +255,7 @@ async def open_catalog_log(settings: Settings) -> RedisCatalogLog | None:
         timeout_s=max(settings.triton_timeout_s, 2.0),
         block_s=FOLLOW_BLOCK_S,
         password=read_secret(settings.catalog_store_password_file, "catalog_store_password_file"),
+        tls=redis_tls(settings),
     )
     try:
         await shared.check()
@@ -262,6 +264,13 @@ async def open_catalog_log(settings: Settings) -> RedisCatalogLog | None:
         raise SystemExit(f"cannot open the catalog store {location!r}: {e}") from e
     log.info("catalog changes shared through %s (%s)", location, shared.key)
     return shared
+
+
+def redis_tls(settings: Settings) -> profiles.RedisTls:
+    """The RANKER_REDIS_TLS_* files, for whichever store's URL is rediss://."""
+    return profiles.RedisTls(
+        ca_file=settings.redis_tls_ca_file, cert_file=settings.redis_tls_cert_file, key_file=settings.redis_tls_key_file
+    )
 
 
 def read_secret(path: Path | None, setting: str) -> str | None:

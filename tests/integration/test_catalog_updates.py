@@ -16,7 +16,9 @@ import pytest
 from ranker.bench_catalog import replica_lag_ms
 from ranker.tritonserver import LocalTritonServer
 from ranker.v1 import ranker_pb2, ranker_pb2_grpc
+from tests.certs import make_pki
 from tests.integration.conftest import RankerProcess, free_port
+from tests.redis_server import INSTALL_HINT, RedisServer, RedisTls, redis_binary
 
 pytestmark = [pytest.mark.triton, pytest.mark.slow]
 
@@ -187,3 +189,40 @@ def test_replicas_sharing_a_redis_catalog_store_serve_each_others_changes(
         assert served(stub, TROWEL_QUERY, 10)[0] == TROWEL.item_id
         assert drill not in served(stub, query)
     assert "catalog log ranker:catalog:log replayed" in late.logs()
+
+
+def test_both_redis_stores_over_tls_with_a_client_certificate(
+    example_release: Path, triton: LocalTritonServer, tmp_path: Path
+) -> None:
+    """`ranker serve` with rediss:// profile and catalog stores and RANKER_REDIS_TLS_* against a real
+    redis-server that speaks TLS only and requires a client certificate."""
+    pki = make_pki(tmp_path / "pki")
+    binary = redis_binary()
+    if binary is None:
+        pytest.fail(f"redis-server is not installed: {INSTALL_HINT}")
+    tls = RedisTls(pki.server_cert, pki.server_key, pki.ca, True, pki.client_cert, pki.client_key)
+    redis = RedisServer(tmp_path / "redis", binary, tls=tls)
+    (tmp_path / "redis").mkdir()
+    redis.start()
+    env = {
+        "RANKER_PROFILE_STORE": redis.url,
+        "RANKER_CATALOG_STORE": redis.url,
+        "RANKER_REDIS_TLS_CA_FILE": str(pki.ca),
+        "RANKER_REDIS_TLS_CERT_FILE": str(pki.client_cert),
+        "RANKER_REDIS_TLS_KEY_FILE": str(pki.client_key),
+    }
+    try:
+        with (
+            serve(example_release, triton.grpc_url, tmp_path / "state", tmp_path, **env) as target,
+            client(target) as stub,
+        ):
+            assert stub.UpsertItems(ranker_pb2.UpsertItemsRequest(items=[TROWEL]), timeout=60).inserted == 1
+            event = ranker_pb2.Event(
+                event_id="e1", user_id="u1", item_id=TROWEL.item_id, type=ranker_pb2.EVENT_TYPE_PURCHASE
+            )
+            assert stub.RecordEvents(ranker_pb2.RecordEventsRequest(events=[event]), timeout=30).applied == 1
+            response = stub.Rank(ranker_pb2.RankRequest(query=TROWEL_QUERY, top_k=5, user_id="u1"), timeout=30)
+            assert response.items[0].item_id == TROWEL.item_id and not response.degraded
+            assert response.personalization == ranker_pb2.PERSONALIZATION_APPLIED
+    finally:
+        redis.stop()
