@@ -11,7 +11,7 @@ stream's entries in stream order (ranker.live_catalog). One entry per change:
 
 A replica serving a release with another text encoder embeds such an entry's titles again. Entries are
 never trimmed (a compaction into a new release is not built), so the log holds every change since it
-was created: about 2 kB per upserted MiniLM item.
+was created: about 2.3 kB per upserted MiniLM item.
 
 Durability is Redis's. When the server persists to its append-only file and knows WAITAOF (Redis >= 7.2),
 an append returns only once the entry is fsynced, as the journal file's append does; otherwise a Redis
@@ -100,7 +100,7 @@ def _entry(entry_id: bytes | str, fields: dict[Any, Any]) -> LogEntry:
 
 
 class RedisCatalogLog:
-    """CatalogLog over a Redis stream. Two connections pools: commands time out after `timeout_s`, the
+    """CatalogLog over a Redis stream. Two connection pools: commands time out after `timeout_s`, the
     blocking read that tails the log waits up to its `block_s` on its own pool."""
 
     def __init__(self, client: aioredis.Redis, tail: aioredis.Redis, *, key: str) -> None:
@@ -148,7 +148,7 @@ class RedisCatalogLog:
             entry_id = _text(await self._redis.xadd(self.key, fields))  # type: ignore[arg-type]
             if self.durable:
                 local, _ = await self._redis.execute_command("WAITAOF", 1, 0, WAITAOF_TIMEOUT_MS)
-                if int(local) < 1:
+                if int(local) < 1:  # in Redis but not on its disk: the caller is told, and may retry (idempotent)
                     raise BackendFailed(
                         "catalog log", f"entry {entry_id} was not persisted within {WAITAOF_TIMEOUT_MS} ms"
                     )

@@ -214,7 +214,7 @@ class LiveCatalog:
         cls, ranker: Ranker, *, tokenizer: TextTokenizer, shared: CatalogLog, call_timeout: float | None = None
     ) -> LiveCatalog:
         """The live catalog with every entry of the shared change log applied, then tailing it: changes another
-        replica appends are applied here within about a second (docs/catalog-updates.md). The state
+        replica appends are applied here within milliseconds (docs/catalog-updates.md). The state
         directory's journal is not used. BackendError when the log cannot be read, or holds entries of another
         text encoder and Triton cannot embed them again."""
         live = cls(ranker, tokenizer=tokenizer)
@@ -379,12 +379,7 @@ class LiveCatalog:
                 raise CatalogRetired(self._retired)
             if self._log is not None:
                 return await self._apply_shared(change, self._log)
-            upserts: list[tuple[CatalogItem, np.ndarray]] = []
-            deletes: tuple[str, ...] = ()
-            if isinstance(change, Upsert):
-                upserts = list(zip(change.items, change.embeddings, strict=True))
-            else:
-                deletes = change.item_ids
+            upserts, deletes = _parts(change)
             snapshot, applied = await asyncio.to_thread(self._snapshot.apply, upserts, deletes, self._analyzer)
             if isinstance(change, Delete):
                 # Only what was deleted: a journaled id that was absent would delete that item from a
