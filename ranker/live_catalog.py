@@ -379,16 +379,10 @@ class LiveCatalog:
                 raise CatalogRetired(self._retired)
             if self._log is not None:
                 return await self._apply_shared(change, self._log)
-            upserts, deletes = _parts(change)
-            snapshot, applied = await asyncio.to_thread(self._snapshot.apply, upserts, deletes, self._analyzer)
-            if isinstance(change, Delete):
-                # Only what was deleted: a journaled id that was absent would delete that item from a
-                # later release that has it, at the next start or swap.
-                absent = set(applied.not_found)
-                change = Delete(tuple(i for i in change.item_ids if i not in absent))
-            if self._journal is not None and (isinstance(change, Upsert) or change.item_ids):
+            snapshot, applied, record = await self._next(change)
+            if self._journal is not None and record is not None:
                 try:
-                    await asyncio.to_thread(self._journal.append, change)
+                    await asyncio.to_thread(self._journal.append, record)
                 except JournalError as e:
                     log.error("catalog change not applied: %s", e)
                     raise BackendUnavailable("catalog journal", "cannot persist the change; nothing was applied") from e
@@ -399,24 +393,32 @@ class LiveCatalog:
         """Append the change to the shared log and apply it here in log order (under the lock): first the
         entries before it, so every replica ends in the same state; it is visible here when this returns."""
         await self._apply_entries(await shared.read(self._log_id))  # catch up: deletes are checked against the latest
-        upserts, deletes = _parts(change)
-        snapshot, applied = await asyncio.to_thread(self._snapshot.apply, upserts, deletes, self._analyzer)
-        if isinstance(change, Delete):  # only what was deleted, as in the journal
-            absent = set(applied.not_found)
-            change = Delete(tuple(i for i in change.item_ids if i not in absent))
-            if not change.item_ids:
-                return applied
+        snapshot, applied, record = await self._next(change)
+        if record is None:
+            return applied
         manifest = self._base.release.manifest
-        entry_id = await shared.append(change, encoder=encoder_fingerprint(manifest), dim=self.dim)
+        entry_id = await shared.append(record, encoder=encoder_fingerprint(manifest), dim=self.dim)
         # From here the change is in the log: a failure below leaves it to the tail (a retry is safe).
         others = [e for e in await shared.read(self._log_id, until=entry_id) if e.id != entry_id]
         if others:  # another replica appended in between: its changes come first here too
             await self._apply_entries(others)
-            upserts, deletes = _parts(change)
-            snapshot, applied = await asyncio.to_thread(self._snapshot.apply, upserts, deletes, self._analyzer)
+            snapshot, applied, _ = await self._next(record)
         self._install(snapshot)
         self._log_id = entry_id
         return applied
+
+    async def _next(self, change: Change) -> tuple[CatalogSnapshot, Applied, Change | None]:
+        """The next snapshot with `change` applied, what it changed, and the change to record (journal or log):
+        a delete keeps only the ids it found, since a recorded absent id would delete that item from a later
+        release that has it, at the next start or swap; None when nothing is left to record."""
+        upserts, deletes = _parts(change)
+        snapshot, applied = await asyncio.to_thread(self._snapshot.apply, upserts, deletes, self._analyzer)
+        if isinstance(change, Delete):
+            absent = set(applied.not_found)
+            change = Delete(tuple(i for i in change.item_ids if i not in absent))
+            if not change.item_ids:
+                return snapshot, applied, None
+        return snapshot, applied, change
 
     def _install(self, snapshot: CatalogSnapshot) -> None:
         self._snapshot = snapshot
