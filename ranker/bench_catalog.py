@@ -14,11 +14,19 @@ after the upsert's reply that replica serves the batch: it is asked to Rank the 
 every 2 ms until it stops refusing the id as unknown.
 With --release instead of a server, it times the overlay in-process (ranker.catalog_overlay): building
 the next snapshot, retrieval over 0 / 2,000 / 10,000 appended rows, and a full BM25 rebuild for comparison.
+With --release and --log-store REDIS_URL, it times the shared catalog log (ranker.catalog_log) instead:
+--log-items items each upserted --log-versions times in batches of --log-batch, then a replica's start
+(replaying the log onto the release), the log's compaction and the start again; the stream's size in
+Redis before and after. Its key (bench-<pid>:catalog:log) is deleted at the end.
+
+    python -m ranker.bench_catalog --release releases/homedepot-v2 --titles ../shared/data/homedepot/products.csv \
+        --log-store redis://localhost:6379/0 --log-items 2000 --log-versions 10 --json
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import csv
 import itertools
 import json
@@ -214,6 +222,74 @@ def run_in_process(args: argparse.Namespace) -> dict[str, object]:
     return report
 
 
+async def run_log(args: argparse.Namespace) -> dict[str, object]:
+    """The shared catalog log's replay and compaction on a real Redis (see the module docstring)."""
+    import os
+
+    import redis
+
+    from ranker.catalog_journal import Upsert
+    from ranker.catalog_log import RedisCatalogLog
+    from ranker.domain import CatalogItem
+    from ranker.live_catalog import LiveCatalog, encoder_fingerprint, item_tokenizer
+    from ranker.models import ONNX_FILE, OnnxEncoder, OnnxScorer, QueryTokenizer, encoder_cpu_onnx
+    from ranker.pipeline import PipelineSettings, Ranker
+    from ranker.release import ENCODER_MODEL, MODEL_REPOSITORY, RANKER_MODEL, TOKENIZER, Release
+
+    release = Release.load(args.release)
+    manifest = release.manifest
+    repo = release.path / MODEL_REPOSITORY
+    ranker = Ranker(
+        release,
+        encoder=OnnxEncoder(encoder_cpu_onnx(repo / ENCODER_MODEL / manifest.encoder.version)),
+        scorer=OnnxScorer(repo / RANKER_MODEL / manifest.ranker.version / ONNX_FILE),
+        tokenizer=QueryTokenizer(release.path / TOKENIZER, manifest.max_query_tokens),
+        settings=PipelineSettings.for_release(manifest),
+    )
+    prefix = f"bench-{os.getpid()}"
+    shared = RedisCatalogLog.from_url(args.log_store, timeout_s=30.0, block_s=1.0, prefix=prefix)
+    sync = redis.Redis.from_url(args.log_store)
+    rng = np.random.default_rng(args.seed)
+    titles = load_titles(args.titles, args.log_items, args.seed)
+    vectors = np.asarray(release.retriever.dense.embeddings)
+    fingerprint = encoder_fingerprint(manifest)
+    report: dict[str, object] = {"release": manifest.release_id, "items": args.log_items}
+    try:
+        start = time.perf_counter()
+        for version in range(args.log_versions):
+            for first in range(0, args.log_items, args.log_batch):
+                ids = range(first, min(first + args.log_batch, args.log_items))
+                items = tuple(CatalogItem(item_id=f"bench-{i}", title=f"{titles[i]} v{version}") for i in ids)
+                rows = rng.integers(len(vectors), size=len(items))
+                await shared.append(
+                    Upsert(items, vectors[rows].astype(np.float32)), encoder=fingerprint, dim=vectors.shape[1]
+                )
+        report["write_s"] = round(time.perf_counter() - start, 1)
+
+        async def replica_start() -> dict[str, object]:
+            started = time.perf_counter()
+            live = await LiveCatalog.open_shared(ranker, tokenizer=item_tokenizer(release), shared=shared)
+            took = _ms(started)
+            live.close()
+            return {
+                "entries": await shared.length(),
+                "stream_mb": round(int(sync.memory_usage(shared.key, samples=0) or 0) / 1e6, 1),
+                "replica_start_ms": round(took, 1),
+            }
+
+        report["before"] = await replica_start()
+        start = time.perf_counter()
+        done = await shared.compact()
+        report["compaction_ms"] = round(_ms(start), 1)
+        assert done is not None
+        report["records_before"], report["records_after"] = done.records_before, done.records_after
+        report["after"] = await replica_start()
+    finally:
+        sync.delete(shared.key)
+        await shared.close()
+    return report
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m ranker.bench_catalog", description=__doc__.split("\n")[0])
     parser.add_argument("--target", default="localhost:50051")
@@ -221,6 +297,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--replica", help="another server sharing --target's RANKER_CATALOG_STORE: time until it serves each batch"
     )
     parser.add_argument("--release", type=Path, help="no server: time the overlay itself on this release, in-process")
+    parser.add_argument("--log-store", help="with --release: time the shared catalog log on this Redis URL")
+    parser.add_argument("--log-items", type=int, default=2000, help="--log-store: distinct items")
+    parser.add_argument("--log-versions", type=int, default=10, help="--log-store: upserts of each item")
+    parser.add_argument("--log-batch", type=int, default=20, help="--log-store: items per upsert")
     parser.add_argument("--titles", type=Path, required=True, help="catalog CSV to sample the items' titles from")
     parser.add_argument("--batches", default="1,100", help="comma-separated batch sizes")
     parser.add_argument("--rounds", type=int, default=20, help="upserts per batch size")
@@ -233,7 +313,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    report = run(args) if args.release is None else run_in_process(args)
+    if args.release is None:
+        report = run(args)
+    elif args.log_store:
+        report = asyncio.run(run_log(args))
+    else:
+        report = run_in_process(args)
     print(json.dumps(report, indent=2))
     return 0
 

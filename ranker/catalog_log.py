@@ -9,9 +9,21 @@ stream's entries in stream order (ranker.live_catalog). One entry per change:
     encoder  fingerprint of the text encoder that computed them (ranker.live_catalog.encoder_fingerprint)
     dim      their dimension
 
-A replica serving a release with another text encoder embeds such an entry's titles again. Entries are
-never trimmed (a compaction into a new release is not built), so the log holds every change since it
-was created: about 2.3 kB per upserted MiniLM item.
+A replica serving a release with another text encoder embeds such an entry's titles again.
+
+Compaction (`compact`) replaces the whole log by its net effect: each item's last upsert, with the
+encoder that embedded it, and the ids whose last change is a delete. They are appended as new entries
+that also carry
+
+    through  the id of the last entry they replace
+
+with copies of the entries appended while the fold was computed, and everything before them is
+trimmed, in one MULTI/EXEC that WATCH aborts (and the compaction retries) when another append comes
+in between. A replica that has applied `through` skips those entries; one behind it (starting, or cut
+off for a while and now missing trimmed entries) applies them, which brings it to the state at
+`through`: every record states an item's whole final state. The ranker compacts once the log has
+doubled since its last compaction (ranker.live_catalog); the log holds about 2.3 kB per upserted
+MiniLM item record.
 
 Durability is Redis's. When the server persists to its append-only file and knows WAITAOF (Redis >= 7.2),
 an append returns only once the entry is fsynced, as the journal file's append does; otherwise a Redis
@@ -20,16 +32,18 @@ crash can lose the last second of acknowledged changes, and `durable` is False (
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
 from redis import asyncio as aioredis
 from redis import exceptions as redis_errors
 
-from ranker.catalog_journal import Change, JournalError, decode_change, encode_change
+from ranker.catalog_journal import Change, Delete, JournalError, Upsert, decode_change, encode_change, entries, fold
 from ranker.errors import BackendFailed
 from ranker.profiles import RedisTls, connection_options, redis_errors_as_backend
 
@@ -39,6 +53,8 @@ FIRST = "0-0"  # the id before every entry
 PAGE = 256  # entries per read
 WAITAOF_TIMEOUT_MS = 2000
 STORE_SETTING = "RANKER_CATALOG_STORE_PASSWORD_FILE"
+COMPACT_CHUNK = 512  # item records per entry that a compaction writes
+COMPACT_ATTEMPTS = 5  # swaps tried before a compaction gives up because appends keep coming in between
 
 
 @dataclass(frozen=True)
@@ -46,6 +62,37 @@ class LogEntry:
     id: str  # the stream id, "<milliseconds>-<sequence>": entries are applied in this order
     change: Change
     encoder: str  # fingerprint of the text encoder that computed an upsert's embeddings
+    through: str | None = None  # written by a compaction: the last entry id it replaces
+
+
+@dataclass(frozen=True, kw_only=True)
+class Compaction:
+    through: str  # the last entry replaced
+    entries_before: int
+    entries_after: int
+    records_before: int  # item records (catalog_journal.entries)
+    records_after: int
+
+
+def compacted(log: Sequence[LogEntry]) -> list[tuple[Change, str, int]]:
+    """The net effect of the entries as (change, encoder, dim) to append: the ids whose last change is a
+    delete, then each item's last upsert, grouped by the encoder that embedded it, COMPACT_CHUNK per change."""
+    upserts, deletes = fold(entry.change for entry in log)
+    encoders = {
+        item.item_id: entry.encoder for entry in log if isinstance(entry.change, Upsert) for item in entry.change.items
+    }
+    out: list[tuple[Change, str, int]] = [
+        (Delete(tuple(deletes[i : i + COMPACT_CHUNK])), "", 0) for i in range(0, len(deletes), COMPACT_CHUNK)
+    ]
+    by_encoder: dict[str, list[int]] = {}
+    for i, (item, _) in enumerate(upserts):
+        by_encoder.setdefault(encoders[item.item_id], []).append(i)
+    for encoder, rows in by_encoder.items():
+        for start in range(0, len(rows), COMPACT_CHUNK):
+            chunk = [upserts[i] for i in rows[start : start + COMPACT_CHUNK]]
+            vectors = np.stack([vector for _, vector in chunk]).astype(np.float32)
+            out.append((Upsert(tuple(item for item, _ in chunk), vectors), encoder, int(vectors.shape[1])))
+    return out
 
 
 def entry_order(entry_id: str) -> tuple[int, int]:
@@ -73,6 +120,11 @@ class CatalogLog(Protocol):
         """Entries after `since`, waiting up to `block_s` for the first; [] when none came."""
         ...
 
+    async def compact(self) -> Compaction | None:
+        """Replace every entry by `compacted(entries)`, with `through` set, in one step; None when there is
+        nothing to compact or another append came first (the log is then left as it was)."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -94,9 +146,28 @@ def _entry(entry_id: bytes | str, fields: dict[Any, Any]) -> LogEntry:
         dim = int(fields["dim"])
         change = decode_change(bytes(fields["change"]), dim)
         encoder = _text(fields["encoder"])
+        through = _text(fields["through"]) if "through" in fields else None
+        if through is not None:
+            entry_order(through)
     except (KeyError, ValueError, TypeError, JournalError) as e:
         raise BackendFailed("catalog log", f"entry {identifier} is damaged: {e}") from e
-    return LogEntry(identifier, change, encoder)
+    return LogEntry(identifier, change, encoder, through)
+
+
+def _entries(page: Sequence[tuple[bytes | str, dict[Any, Any]]]) -> list[LogEntry]:
+    return [_entry(entry_id, fields) for entry_id, fields in page]
+
+
+def _fields(change: Change, encoder: str, dim: int) -> dict[str, bytes | str]:
+    return {"change": encode_change(change), "encoder": encoder, "dim": str(dim)}
+
+
+def _encoded(changes: Sequence[tuple[Change, str, int]]) -> list[dict[str, bytes | str]]:
+    return [_fields(change, encoder, dim) for change, encoder, dim in changes]
+
+
+def _dim(change: Change) -> int:
+    return int(change.embeddings.shape[1]) if isinstance(change, Upsert) else 0
 
 
 class RedisCatalogLog:
@@ -143,32 +214,69 @@ class RedisCatalogLog:
                 )
 
     async def append(self, change: Change, *, encoder: str, dim: int) -> str:
-        fields = {"change": encode_change(change), "encoder": encoder, "dim": str(dim)}
         with _errors():
-            entry_id = _text(await self._redis.xadd(self.key, fields))  # type: ignore[arg-type]
-            if self.durable:
-                local, _ = await self._redis.execute_command("WAITAOF", 1, 0, WAITAOF_TIMEOUT_MS)
-                if int(local) < 1:  # in Redis but not on its disk: the caller is told, and may retry (idempotent)
-                    raise BackendFailed(
-                        "catalog log", f"entry {entry_id} was not persisted within {WAITAOF_TIMEOUT_MS} ms"
-                    )
+            entry_id = _text(await self._redis.xadd(self.key, _fields(change, encoder, dim)))  # type: ignore[arg-type]
+            await self._persisted(f"entry {entry_id}")
         return entry_id
 
+    async def _persisted(self, what: str) -> None:
+        if self.durable:
+            local, _ = await self._redis.execute_command("WAITAOF", 1, 0, WAITAOF_TIMEOUT_MS)
+            if int(local) < 1:  # in Redis but not on its disk: the caller is told, and may retry (idempotent)
+                raise BackendFailed("catalog log", f"{what} was not persisted within {WAITAOF_TIMEOUT_MS} ms")
+
+    async def compact(self) -> Compaction | None:
+        # The whole log is read, folded and encoded first, with nobody waiting. Then, under WATCH, only what
+        # was appended meanwhile is read and copied after the folded entries, and MULTI/EXEC swaps them in.
+        with _errors():
+            log = await self.read(FIRST)
+            if not log:
+                return None
+            folded = await asyncio.to_thread(compacted, log)
+            block = await asyncio.to_thread(_encoded, folded)
+            for _ in range(COMPACT_ATTEMPTS):
+                async with self._redis.pipeline(transaction=True) as pipe:
+                    await pipe.watch(self.key)  # EXEC fails if anything touches the stream from here on
+                    last: Any = await pipe.xrevrange(self.key, count=1)
+                    if not last:  # the stream was deleted meanwhile
+                        return None
+                    through = _text(last[0][0])
+                    since = await self.read(log[-1].id, until=through)  # on another connection; WATCH is the pipe's
+                    appended = [_fields(e.change, e.encoder, _dim(e.change)) for e in since]
+                    pipe.multi()
+                    for fields in block + appended:
+                        pipe.xadd(self.key, fields | {"through": through})  # type: ignore[arg-type]
+                    pipe.xtrim(self.key, maxlen=len(block) + len(appended), approximate=False)  # only those remain
+                    try:
+                        await pipe.execute()
+                    except redis_errors.WatchError:
+                        continue
+                await self._persisted(f"the compaction through {through}")
+                return Compaction(
+                    through=through,
+                    entries_before=len(log) + len(since),
+                    entries_after=len(block) + len(appended),
+                    records_before=entries(e.change for e in log + since),
+                    records_after=entries(change for change, _, _ in folded) + entries(e.change for e in since),
+                )
+            return None
+
     async def read(self, since: str, *, until: str | None = None) -> list[LogEntry]:
-        entries: list[LogEntry] = []
+        found: list[LogEntry] = []
         start = f"({since}"
         with _errors():
             while True:
                 page: Any = await self._redis.xrange(self.key, min=start, max=until or "+", count=PAGE)
-                entries.extend(_entry(i, fields) for i, fields in page)
+                # Decoded on a worker thread: a replay or a compaction reads thousands of entries while serving.
+                found.extend(await asyncio.to_thread(_entries, page))
                 if len(page) < PAGE:
-                    return entries
-                start = f"({entries[-1].id}"
+                    return found
+                start = f"({found[-1].id}"
 
     async def wait(self, since: str, *, block_s: float) -> list[LogEntry]:
         with _errors():
             answer: Any = await self._tail.xread({self.key: since}, count=PAGE, block=max(1, int(block_s * 1000)))
-        return [_entry(i, fields) for _, page in answer or () for i, fields in page]
+        return [entry for _, page in answer or () for entry in _entries(page)]
 
     async def length(self) -> int:
         with _errors():

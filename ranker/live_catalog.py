@@ -19,12 +19,14 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, replace
 from datetime import date
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
+from ranker import observability
 from ranker.catalog_journal import (
     JOURNAL,
     CatalogJournal,
@@ -37,7 +39,7 @@ from ranker.catalog_journal import (
     fold,
     read,
 )
-from ranker.catalog_log import FIRST, CatalogLog, LogEntry, after
+from ranker.catalog_log import FIRST, CatalogLog, LogEntry, after, entry_order
 from ranker.catalog_overlay import Applied, CatalogSnapshot
 from ranker.domain import CatalogItem
 from ranker.errors import BackendError, BackendFailed, BackendTimeout, BackendUnavailable, NotConfigured
@@ -54,7 +56,8 @@ log = logging.getLogger(__name__)
 ENCODE_BATCH = 16
 DEFAULT_MAX_TITLE_TOKENS = 64  # offline.encoder.MAX_TITLE_TOKENS, for manifests that do not record it
 JOURNAL_DIR = "catalog"
-COMPACT_MIN_ENTRIES = 1000  # at start, rewrite a journal this long when most of it is superseded
+COMPACT_MIN_ENTRIES = 1000  # at start, rewrite a journal this long when most of it is superseded; and
+# compact the shared log once it holds this many item records and has doubled since its last compaction
 BACKEND = f"triton:{ENCODER_MODEL}"
 FOLLOW_BLOCK_S = 1.0  # a shared log's tail waits this long per read for new entries
 FOLLOW_RETRY_S = 1.0  # after a failed read or apply, the tail tries again this much later
@@ -156,6 +159,8 @@ class LiveCatalog:
         self._retired: str | None = None  # set when a release swap replaced this catalog (see retire)
         self._log: CatalogLog | None = None  # the change log shared by the replicas, when there is one
         self._log_id = FIRST  # the last entry of it applied here
+        self._log_state = _LogState()  # what this replica knows of the log's last compaction and its size
+        self._compaction: asyncio.Task[None] | None = None
         self._follower: asyncio.Task[None] | None = None
         self._call_timeout: float | None = None
         self._lock = asyncio.Lock()
@@ -235,33 +240,72 @@ class LiveCatalog:
         live._follower = asyncio.create_task(live._follow(), name=f"catalog log {log_name}")
         return live
 
-    async def _apply_entries(self, entries: Sequence[LogEntry]) -> Applied:
+    async def _apply_entries(self, entries: Sequence[LogEntry], *, timed: bool = False) -> Applied:
         """Apply log entries (in their order) as one new snapshot; titles embedded by another text encoder are
-        embedded again with this release's. Installs the snapshot and records the last entry as applied."""
+        embedded again with this release's. Entries a compaction wrote to replace entries already applied here
+        are skipped. Installs the snapshot and records the last entry as applied; `timed`: observes each applied
+        entry's lag (ranker_catalog_log_lag_seconds)."""
         if not entries:
             return Applied()
-        upserts, deletes = fold(entry.change for entry in entries)
-        encoders = {
-            item.item_id: entry.encoder
-            for entry in entries
-            if isinstance(entry.change, Upsert)
-            for item in entry.change.items
-        }
-        mine = encoder_fingerprint(self._base.release.manifest)
-        foreign = [i for i, (item, _) in enumerate(upserts) if encoders[item.item_id] != mine]
-        if foreign:
-            log.warning("catalog log: embedding %d items written with another text encoder again", len(foreign))
-            titles = [upserts[i][0].title for i in foreign]
-            vectors = await embed_titles(
-                self._base.encoder, self._tokenizer, titles, dim=self.dim, timeout=None, call_timeout=self._call_timeout
-            )
-            for i, vector in zip(foreign, vectors, strict=True):
-                upserts[i] = (upserts[i][0], vector)
-        snapshot, applied = await asyncio.to_thread(self._snapshot.apply, upserts, deletes, self._analyzer)
-        # As in a journal replay: a delete of an item with no row here still makes its id known.
-        self._install(snapshot.with_tombstones(applied.not_found))
-        self._log_id = entries[-1].id
+        fresh, state = self._log_state.advance(self._log_id, entries)
+        applied = Applied()
+        if fresh:
+            upserts, deletes, encoders = await asyncio.to_thread(_fold_entries, fresh)
+            mine = encoder_fingerprint(self._base.release.manifest)
+            foreign = [i for i, (item, _) in enumerate(upserts) if encoders[item.item_id] != mine]
+            if foreign:
+                log.warning("catalog log: embedding %d items written with another text encoder again", len(foreign))
+                titles = [upserts[i][0].title for i in foreign]
+                vectors = await embed_titles(
+                    self._base.encoder,
+                    self._tokenizer,
+                    titles,
+                    dim=self.dim,
+                    timeout=None,
+                    call_timeout=self._call_timeout,
+                )
+                for i, vector in zip(foreign, vectors, strict=True):
+                    upserts[i] = (upserts[i][0], vector)
+            snapshot, applied = await asyncio.to_thread(self._snapshot.apply, upserts, deletes, self._analyzer)
+            # As in a journal replay: a delete of an item with no row here still makes its id known.
+            self._install(snapshot.with_tombstones(applied.not_found))
+            if timed:
+                now_ms = time.time() * 1000  # the stream ids' clock is the Redis server's
+                for entry in fresh:
+                    observability.METRICS.catalog_log_lag.observe(max(0.0, now_ms - entry_order(entry.id)[0]) / 1000)
+        self._log_id, self._log_state = entries[-1].id, state
+        observability.METRICS.catalog_log_records.set(state.records)
         return applied
+
+    def _compact_when_due(self) -> None:
+        """Start compacting the shared log in the background when most of it may be superseded."""
+        if self._log is None or not self._log_state.compaction_due() or self._retired:
+            return
+        if self._compaction is None or self._compaction.done():
+            self._compaction = asyncio.create_task(self._compact(self._log), name="catalog log compaction")
+
+    async def _compact(self, shared: CatalogLog) -> None:
+        started = time.perf_counter()
+        try:
+            done = await shared.compact()
+        except BackendError as e:
+            observability.METRICS.catalog_log_compactions.labels(result="failed").inc()
+            log.warning("catalog log: compaction failed, the log is as it was: %s", e)
+            return
+        if done is None:
+            observability.METRICS.catalog_log_compactions.labels(result="skipped").inc()
+            log.info("catalog log: compaction skipped (other replicas kept appending, or the log is empty)")
+            return
+        observability.METRICS.catalog_log_compactions.labels(result="done").inc()
+        log.info(
+            "catalog log compacted through %s in %.0f ms: %d entries (%d item records) became %d (%d)",
+            done.through,
+            (time.perf_counter() - started) * 1000,
+            done.entries_before,
+            done.records_before,
+            done.entries_after,
+            done.records_after,
+        )
 
     async def _follow(self) -> None:
         """Until cancelled: apply the entries other replicas append to the shared log."""
@@ -274,7 +318,7 @@ class LiveCatalog:
                     async with self._lock:
                         fresh = [e for e in entries if after(e.id, self._log_id)]  # a local write may be ahead
                         if fresh and not self._retired:
-                            applied = await self._apply_entries(fresh)
+                            applied = await self._apply_entries(fresh, timed=True)
                             log.info(
                                 "catalog log: %d entries from other replicas applied up to %s (%d deleted)",
                                 len(fresh),
@@ -404,7 +448,8 @@ class LiveCatalog:
             await self._apply_entries(others)
             snapshot, applied, _ = await self._next(record)
         self._install(snapshot)
-        self._log_id = entry_id
+        self._log_id, self._log_state = entry_id, self._log_state.appended(record)
+        self._compact_when_due()
         return applied
 
     async def _next(self, change: Change) -> tuple[CatalogSnapshot, Applied, Change | None]:
@@ -449,9 +494,10 @@ class LiveCatalog:
         journal, self._journal = self._journal, None  # closed once: the descriptor number may be reused
         if journal is not None:
             journal.close()
-        follower, self._follower = self._follower, None
-        if follower is not None:
-            follower.cancel()  # the shared log itself belongs to the server, which closes it
+        for task in (self._follower, self._compaction):
+            if task is not None:
+                task.cancel()  # the shared log itself belongs to the server, which closes it
+        self._follower = self._compaction = None
 
 
 def _parts(change: Change) -> tuple[list[tuple[CatalogItem, np.ndarray]], tuple[str, ...]]:
@@ -459,3 +505,56 @@ def _parts(change: Change) -> tuple[list[tuple[CatalogItem, np.ndarray]], tuple[
     if isinstance(change, Upsert):
         return list(zip(change.items, change.embeddings, strict=True)), ()
     return [], change.item_ids
+
+
+def _fold_entries(
+    log_entries: Sequence[LogEntry],
+) -> tuple[list[tuple[CatalogItem, np.ndarray]], list[str], dict[str, str]]:
+    """fold() of the entries' changes, and the encoder of each upserted item's last upsert."""
+    upserts, deletes = fold(entry.change for entry in log_entries)
+    encoders = {
+        item.item_id: entry.encoder
+        for entry in log_entries
+        if isinstance(entry.change, Upsert)
+        for item in entry.change.items
+    }
+    return upserts, deletes, encoders
+
+
+@dataclass(frozen=True)
+class _LogState:
+    """What a replica knows of the shared log up to the entry it applied last: the last compaction in it
+    (its `through`, and whether this replica applied its entries or had applied what they replace) and the
+    item records since the log's start, in that compaction and after it."""
+
+    compaction: str | None = None
+    applying: bool = False
+    compacted_records: int = 0
+    records_after: int = 0
+
+    @property
+    def records(self) -> int:
+        return self.compacted_records + self.records_after
+
+    def advance(self, position: str, log_entries: Sequence[LogEntry]) -> tuple[list[LogEntry], _LogState]:
+        """The entries to apply of those after `position`, and the state after them all."""
+        state, fresh = self, []
+        for entry in log_entries:
+            size = entries([entry.change])
+            if entry.through is None:
+                state = replace(state, records_after=state.records_after + size)
+            else:
+                if entry.through != state.compaction:  # the first entry of a compaction: it replaces the log so far
+                    # and was applied here already when `position` is at or past the last entry it replaces
+                    state = _LogState(compaction=entry.through, applying=after(entry.through, position))
+                state = replace(state, compacted_records=state.compacted_records + size)
+            if entry.through is None or state.applying:
+                fresh.append(entry)
+            position = entry.id
+        return fresh, state
+
+    def appended(self, change: Change) -> _LogState:
+        return replace(self, records_after=self.records_after + entries([change]))
+
+    def compaction_due(self) -> bool:
+        return self.records >= COMPACT_MIN_ENTRIES and self.records_after >= max(self.compacted_records, 1)

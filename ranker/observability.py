@@ -149,6 +149,23 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.catalog_log_lag = Histogram(
+            "ranker_catalog_log_lag_seconds",
+            "From another replica's append to the shared catalog log (the stream id's time) to its change serving here",
+            buckets=_RPC_BUCKETS,
+            registry=r,
+        )
+        self.catalog_log_records = Gauge(
+            "ranker_catalog_log_records",
+            "Item records in the shared catalog log up to the entry applied here: what a starting replica replays",
+            registry=r,
+        )
+        self.catalog_log_compactions = Counter(
+            "ranker_catalog_log_compactions",
+            "Compactions of the shared catalog log started here, by result: done, skipped or failed",
+            ["result"],
+            registry=r,
+        )
         self.release = Info("ranker_release", "The serving release and its model versions", registry=r)
         self.release_loaded = Gauge(
             "ranker_release_loaded_timestamp_seconds", "When the serving release was (last) set", registry=r

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from ranker.catalog_journal import Change, decode_change, encode_change
-from ranker.catalog_log import LogEntry, after
+from ranker.catalog_journal import Change, Upsert, decode_change, encode_change, entries
+from ranker.catalog_log import FIRST, Compaction, LogEntry, after, compacted
 from ranker.errors import BackendUnavailable
 from ranker.features import FEATURE_NAMES
 from ranker.release import Catalog, Manifest, Release
@@ -121,29 +121,60 @@ def tiny_release() -> Release:
 
 
 class ListLog:
-    """CatalogLog over a list, stored encoded as the stream stores it. `before_append` runs first in append()."""
+    """CatalogLog over a list, stored encoded as the stream stores it. `before_append` runs first in append(),
+    `before_swap` in compact() between reading the log and replacing it."""
 
     def __init__(self) -> None:
         self.records: list[tuple[str, bytes, str, int]] = []
+        self.through: dict[str, str] = {}  # entry id -> `through`, for the entries a compaction wrote
         self.fail = False
         self.before_append: Callable[[], Awaitable[None]] | None = None
+        self.before_swap: Callable[[], Awaitable[None]] | None = None
         self._grown = asyncio.Event()
+        self._next = 1
 
     async def append(self, change: Change, *, encoder: str, dim: int) -> str:
         if self.before_append is not None:
             hook, self.before_append = self.before_append, None
             await hook()
         self._check()
-        entry_id = f"{len(self.records) + 1}-0"
+        return self._add(change, encoder, dim)
+
+    def _add(self, change: Change, encoder: str, dim: int) -> str:
+        entry_id, self._next = f"{self._next}-0", self._next + 1
         self.records.append((entry_id, encode_change(change), encoder, dim))
         self._grown.set()
         self._grown = asyncio.Event()
         return entry_id
 
+    async def compact(self) -> Compaction | None:
+        self._check()
+        log = await self.read(FIRST)
+        if not log:
+            return None
+        if self.before_swap is not None:
+            hook, self.before_swap = self.before_swap, None
+            await hook()
+        since = await self.read(log[-1].id)  # appended meanwhile: copied after the folded entries
+        through = (since or log)[-1].id
+        block = compacted(log) + [
+            (e.change, e.encoder, e.change.embeddings.shape[1] if isinstance(e.change, Upsert) else 0) for e in since
+        ]
+        self.records = []
+        for change, encoder, dim in block:
+            self.through[self._add(change, encoder, dim)] = through
+        return Compaction(
+            through=through,
+            entries_before=len(log) + len(since),
+            entries_after=len(block),
+            records_before=entries(e.change for e in log + since),
+            records_after=entries(change for change, _, _ in block),
+        )
+
     async def read(self, since: str, *, until: str | None = None) -> list[LogEntry]:
         self._check()
         return [
-            LogEntry(i, decode_change(data, dim), encoder)
+            LogEntry(i, decode_change(data, dim), encoder, self.through.get(i))
             for i, data, encoder, dim in self.records
             if after(i, since) and (until is None or not after(i, until))
         ]

@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 import redis
 
-from ranker.catalog_journal import Delete, Upsert, decode_change
+from ranker.catalog_journal import Delete, Upsert, decode_change, fold
 from ranker.catalog_log import FIRST, RedisCatalogLog, after, entry_order
 from ranker.domain import CatalogItem, RankQuery
 from ranker.errors import BackendFailed, BackendUnavailable
 from ranker.live_catalog import LiveCatalog, encoder_fingerprint
+from ranker.observability import METRICS
 from ranker.pipeline import PipelineSettings, Ranker
 from tests.unit.fakes import FakeEncoder, FakeScorer, FakeTokenizer, ListLog, embed, tiny_release
 
@@ -189,6 +190,124 @@ def test_a_closed_catalog_stops_following() -> None:
     asyncio.run(scenario())
 
 
+def item(i: int, title: str) -> CatalogItem:
+    return CatalogItem(item_id=f"n{i}", title=title)
+
+
+class Paused:
+    """A replica's view of the shared log whose tail waits until `resume` is set: a replica cut off for a while."""
+
+    def __init__(self, shared: ListLog) -> None:
+        self.shared = shared
+        self.resume = asyncio.Event()
+
+    async def append(self, change: Any, *, encoder: str, dim: int) -> str:
+        return await self.shared.append(change, encoder=encoder, dim=dim)
+
+    async def read(self, since: str, *, until: str | None = None) -> list[Any]:
+        return await self.shared.read(since, until=until)
+
+    async def wait(self, since: str, *, block_s: float) -> list[Any]:
+        await self.resume.wait()
+        return await self.shared.wait(since, block_s=block_s)
+
+    async def compact(self) -> Any:
+        return await self.shared.compact()
+
+    async def close(self) -> None:
+        pass
+
+
+def test_a_compaction_keeps_every_replicas_state_and_a_new_replica_replays_only_its_result() -> None:
+    async def scenario() -> None:
+        shared = ListLog()
+        a, b = await Replica().open(shared), await Replica().open(shared)
+        behind = await Replica().open(paused := Paused(shared))
+        for title in ("Werner step ladder", "Werner step ladder 6 ft", "Werner step ladder 8 ft"):
+            await a.upsert([item(1, title)], timeout=5)
+        await b.upsert([item(2, "Garden hose reel cart")], timeout=5)
+        await b.upsert([item(3, "Brass hose nozzle")], timeout=5)
+        await a.delete(["n3", "d1"])
+        await until(lambda: titles(b) == titles(a))
+        served = a.current(), b.current()
+        assert titles(behind) != titles(a)  # its tail has applied nothing yet
+
+        done = await shared.compact()
+        assert done is not None and (done.entries_before, done.records_before) == (6, 7)
+        assert (done.records_after, done.entries_after) == (4, 2)  # n1 and n2 upserted; n3 and d1 deleted
+        # An up-to-date replica skips the compacted entries (its tail has read them by now): they restate what
+        # it serves.
+        await asyncio.sleep(0.05)
+        assert (a.current(), b.current()) == served
+        await a.upsert([item(4, "Cordless drill")], timeout=5)
+        await until(lambda: "n4" in titles(b))
+        assert titles(b) == titles(a)
+        # A replica that missed the replaced entries applies the compacted ones instead, and converges.
+        paused.resume.set()
+        await until(lambda: titles(behind) == titles(a))
+        assert titles(a)["n1"] == "Werner step ladder 8 ft" and {"n3", "d1"}.isdisjoint(titles(a))
+        assert "d1" in behind.current().release.catalog.known_ids  # deleted, and still known
+        fresh = Replica()
+        late = await fresh.open(shared)
+        assert titles(late) == titles(a) and fresh.encoder.calls == 0
+        assert len(shared.records) == 3  # the compaction's 2 entries and the upsert after it
+        for live in (a, b, behind, late):
+            live.close()
+
+    asyncio.run(scenario())
+
+
+def test_an_append_during_a_compaction_is_kept_after_the_compacted_entries() -> None:
+    async def scenario() -> None:
+        shared = ListLog()
+        a, b = await Replica().open(shared), await Replica().open(shared)
+        await a.upsert([item(1, "Werner step ladder")], timeout=5)
+
+        async def b_writes() -> None:
+            await b.upsert([item(1, "Little Giant ladder")], timeout=5)
+
+        shared.before_swap = b_writes
+        done = await shared.compact()
+        assert done is not None and done.entries_after == 2
+        assert {shared.through[i] for i, *_ in shared.records} == {done.through}
+        late = await Replica().open(shared)
+        await until(lambda: titles(a) == titles(b) == titles(late))
+        assert titles(late)["n1"] == "Little Giant ladder"  # the later change still wins
+        for live in (a, b, late):
+            live.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_writer_compacts_the_log_once_it_has_doubled(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("ranker.live_catalog.COMPACT_MIN_ENTRIES", 4)
+    compactions = METRICS.catalog_log_compactions.labels(result="done")
+
+    async def scenario() -> None:
+        shared = ListLog()
+        a = await Replica().open(shared)
+        start = compactions._value.get()
+        for n in range(1, 4):
+            await a.upsert([item(n, "hose")], timeout=5)
+        await asyncio.sleep(0.05)
+        assert len(shared.records) == 3 and not shared.through  # 3 records: below the minimum
+        await a.upsert([item(4, "hose")], timeout=5)
+        await until(lambda: bool(shared.through))
+        assert len(shared.records) == 1 and compactions._value.get() == start + 1  # n1 to n4 in one entry
+        # Now the log holds 4 records, all current: the next compaction waits until 4 more have come.
+        for n in range(3):
+            await a.upsert([item(1, f"ladder {n}")], timeout=5)
+        await asyncio.sleep(0.05)
+        assert len(shared.records) == 4
+        await a.upsert([item(1, "ladder 3")], timeout=5)
+        await until(lambda: len(shared.records) == 1)
+        assert compactions._value.get() == start + 2
+        assert titles(await Replica().open(shared)) == titles(a)
+        a.close()
+
+    asyncio.run(scenario())
+
+
 # --- the Redis stream, against a real redis-server ---
 
 
@@ -247,6 +366,78 @@ def test_replicas_share_changes_through_redis(redis_url: str) -> None:
         restarted = await Replica().open(logs[0])
         assert titles(restarted) == titles(a) == titles(b)
         for live in (a, b, restarted):
+            live.close()
+        for shared in logs:
+            await shared.close()
+
+    asyncio.run(scenario())
+
+
+def test_the_redis_log_compacts_in_one_step_and_keeps_the_appends_that_race_it(redis_url: str) -> None:
+    async def scenario() -> None:
+        shared = RedisCatalogLog.from_url(redis_url, timeout_s=2.0, block_s=0.2, prefix="log-test-4")
+        other = RedisCatalogLog.from_url(redis_url, timeout_s=2.0, block_s=0.2, prefix="log-test-4")
+
+        def upsert(item_id: str, title: str) -> Upsert:
+            return Upsert((CatalogItem(item_id=item_id, title=title),), np.ones((1, 16), np.float32))
+
+        for n in range(300):  # 100 items, 3 times each: more than one page
+            await shared.append(upsert(f"x{n % 100}", f"item {n}"), encoder="e", dim=16)
+        await shared.append(Delete(("x5", "gone")), encoder="e", dim=16)
+        reads = 0
+        read = shared.read
+
+        async def read_while_another_replica_appends(since: str, *, until: str | None = None) -> list[Any]:
+            nonlocal reads
+            reads += 1
+            if reads in (2, 3):  # inside the first two attempts' WATCH: each swap is refused and retried
+                await other.append(upsert("x7", f"raced {reads}"), encoder="f", dim=16)
+            return await read(since, until=until)
+
+        shared.read = read_while_another_replica_appends  # type: ignore[method-assign]
+        done = await shared.compact()
+        assert done is not None and reads == 4
+        assert (done.entries_before, done.records_before) == (303, 304)
+        assert (done.entries_after, done.records_after) == (4, 103)  # 2 deletes, 99 upserts, the 2 raced upserts
+        entries = await read(FIRST)
+        assert (
+            len(entries) == 4 and {e.through for e in entries} == {done.through} and after(entries[-1].id, done.through)
+        )
+        assert [e.encoder for e in entries[-2:]] == ["f", "f"]
+        upserts, deletes = fold(e.change for e in entries)
+        last = {item.item_id: item.title for item, _ in upserts}
+        assert last["x7"] == "raced 3" and last["x0"] == "item 200" and "x5" not in last
+        assert set(deletes) == {"x5", "gone"}
+        assert await shared.compact() is not None and len(await read(FIRST)) == 3  # again: the raced ones folded
+        await shared.close()
+        await other.close()
+
+    asyncio.run(scenario())
+
+
+def test_replicas_over_redis_compact_the_log_as_they_write(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("ranker.live_catalog.COMPACT_MIN_ENTRIES", 6)
+
+    async def scenario() -> None:
+        logs = [RedisCatalogLog.from_url(redis_url, timeout_s=2.0, block_s=0.2, prefix="log-test-5") for _ in "abc"]
+        a, b = await Replica().open(logs[0]), await Replica().open(logs[1])
+        for n in range(6):
+            await a.upsert([item(n % 3, f"ladder {n}")], timeout=5)
+        for _ in range(100):  # a, at 6 records, compacts in the background
+            entries = await logs[2].read(FIRST)
+            if entries[0].through:
+                break
+            await asyncio.sleep(0.05)
+        for n in (6, 7):
+            await b.upsert([item(n % 3, f"ladder {n}")], timeout=5)
+        await until(lambda: titles(a) == titles(b))
+        entries = await logs[2].read(FIRST)
+        assert [e.through is not None for e in entries] == [True, False, False]  # 3 items, then 2 upserts
+        restarted = await Replica().open(logs[2])
+        assert titles(restarted) == titles(a) == titles(b)
+        assert titles(a)["n1"] == "ladder 7" and titles(a)["n0"] == "ladder 6"
+        restarted.close()
+        for live in (a, b):
             live.close()
         for shared in logs:
             await shared.close()
