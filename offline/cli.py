@@ -51,6 +51,14 @@ def positive(text: str) -> float:
     return value
 
 
+def stream_id(text: str) -> str:
+    """A Redis stream id, "<milliseconds>-<sequence>" (a position in the shared catalog log)."""
+    ms, dash, seq = text.partition("-")
+    if not (ms.isdigit() and dash and seq.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected a stream id like 1700000000000-0, got {text!r}")
+    return f"{int(ms)}-{int(seq)}"
+
+
 def existing_file(text: str) -> Path:
     path = Path(text)
     if not path.is_file():

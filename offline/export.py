@@ -101,6 +101,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="shoppers' histories (user_id, item_id[, timestamp]) -> neighbours.npz for the personal signal",
     )
     parser.add_argument(
+        "--catalog-log-through",
+        type=cli.stream_id,
+        help="the shared catalog log's position that --catalog already includes (`python -m ranker catalog-log "
+        "position`, taken before the catalog was): replicas of this release apply only the entries after it",
+    )
+    parser.add_argument(
         "--allow-regression",
         action="store_true",
         help="publish even when dev NDCG@10 is worse than the release being replaced (see offline.gate)",
@@ -274,6 +280,8 @@ class Exporter:
                 info["judged_pairs"] = raw.height
                 info["judged_pairs_in_catalog"] = judgments.height
             self.manifest["data"] = info
+            if args.catalog_log_through is not None:  # not in "data": that keys the fine-tuned encoder's cache
+                self.manifest["catalog_log"] = {"through": args.catalog_log_through}
         print(f"  {items.height} items" + (f", {judgments.height} judged pairs" if judgments is not None else ""))
         return items, judgments
 

@@ -1,5 +1,6 @@
 """`python -m ranker serve` runs the service; `query` calls Rank and prints the result; `health` checks a ranker;
-`admin load-release` swaps a running ranker to another release."""
+`admin load-release` swaps a running ranker to another release; `catalog-log-position` prints where the shared
+catalog log stands, for `offline.export --catalog-log-through`."""
 
 from __future__ import annotations
 
@@ -84,6 +85,30 @@ def _load_release(args: argparse.Namespace) -> int:
     return 0
 
 
+def _catalog_log_position(args: argparse.Namespace) -> int:
+    from ranker.config import load_settings
+    from ranker.profiles import redacted
+    from ranker.server import open_catalog_log
+
+    async def position() -> dict[str, object]:
+        settings = load_settings()
+        shared = await open_catalog_log(settings)
+        if shared is None:
+            raise SystemExit("RANKER_CATALOG_STORE is 'embedded': there is no shared catalog log")
+        try:
+            return {
+                "store": redacted(settings.catalog_store),
+                "key": shared.key,
+                "through": await shared.position(),
+                "entries": await shared.length(),
+            }
+        finally:
+            await shared.close()
+
+    print(json.dumps(asyncio.run(position())))
+    return 0
+
+
 def _call(args: argparse.Namespace, method: Callable[[Any], Callable[..., Any]], request: Any) -> Any | None:
     """One unary call with the CLI's deadline and token; on failure prints the status and returns None."""
     import grpc
@@ -163,6 +188,13 @@ def main(argv: list[str] | None = None) -> int:
     load.add_argument("--timeout", type=float, default=900.0, help="deadline in seconds (the swap finishes anyway)")
     load.add_argument("--json", action="store_true", help="print the whole response as JSON")
     load.set_defaults(func=_load_release)
+
+    position = commands.add_parser(
+        "catalog-log-position",
+        help="print the shared catalog log's last entry id (RANKER_CATALOG_STORE and its RANKER_* settings): take it "
+        "before taking the catalog for offline.export, and pass it as --catalog-log-through",
+    )
+    position.set_defaults(func=_catalog_log_position)
 
     args = parser.parse_args(argv)
     return int(args.func(args))

@@ -282,6 +282,16 @@ class RedisCatalogLog:
         with _errors():
             return int(await self._redis.xlen(self.key))
 
+    async def position(self) -> str:
+        """The id of the last entry ever appended (FIRST for a log that does not exist yet): a release exported
+        from a catalog taken after this point includes every change up to it (offline.export --catalog-log-through)."""
+        with _errors():
+            try:
+                info: Any = await self._redis.xinfo_stream(self.key)
+            except redis_errors.ResponseError:  # no such key
+                return FIRST
+        return _text(info["last-generated-id"])
+
     async def close(self) -> None:
         for client in (self._redis, self._tail):
             with contextlib.suppress(redis_errors.RedisError, OSError):

@@ -218,22 +218,26 @@ class LiveCatalog:
     async def open_shared(
         cls, ranker: Ranker, *, tokenizer: TextTokenizer, shared: CatalogLog, call_timeout: float | None = None
     ) -> LiveCatalog:
-        """The live catalog with every entry of the shared change log applied, then tailing it: changes another
+        """The live catalog with the shared change log applied (the entries after the release manifest's
+        catalog_log_through, all of them when it has none), then tailing it: changes another
         replica appends are applied here within milliseconds (docs/catalog-updates.md). The state
         directory's journal is not used. BackendError when the log cannot be read, or holds entries of another
         text encoder and Triton cannot embed them again."""
         live = cls(ranker, tokenizer=tokenizer)
         live._log, live._call_timeout = shared, call_timeout
         started = time.perf_counter()
-        entries = await shared.read(FIRST)
+        # A release exported from a catalog that already had the first entries' changes starts after them.
+        live._log_id = ranker.release.manifest.catalog_log_through or FIRST
+        entries = await shared.read(live._log_id)
         applied = await live._apply_entries(entries)
         log_name = getattr(shared, "key", type(shared).__name__)
         log.info(
-            "catalog log %s replayed onto release %s in %.0f ms: %d entries, %d items present, %d deleted",
+            "catalog log %s replayed onto release %s in %.0f ms: %d entries after %s, %d items present, %d deleted",
             log_name,
             ranker.release.manifest.release_id,
             (time.perf_counter() - started) * 1000,
             len(entries),
+            "its start" if live._log_id == FIRST else live._log_id,
             applied.inserted + applied.updated,
             applied.deleted,
         )

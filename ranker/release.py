@@ -103,6 +103,13 @@ class Manifest:
             raw=data,
         )
 
+    @property
+    def catalog_log_through(self) -> str | None:
+        """The shared catalog log's last entry that the release's catalog includes (offline.export
+        --catalog-log-through): its replicas apply only the entries after it. None: every entry."""
+        through = (self.raw.get("catalog_log") or {}).get("through")
+        return str(through) if through else None
+
 
 # What Release.load checks against the manifest's sha256s: "models" (the default) the files Triton and the
 # tokenizer run, and the policy: megabytes, a fraction of a second; "all" every file, the index and the

@@ -33,7 +33,17 @@ def run_export(*args: str | Path) -> subprocess.CompletedProcess[str]:
 def released(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("releases") / "demo"
     # The pretrained encoder: the tests below compare the ONNX file with it (fine-tuning has its own test).
-    done = run_export("--catalog", CATALOG, "--judgments", JUDGMENTS, "--out", out, "--no-finetune")
+    done = run_export(
+        "--catalog",
+        CATALOG,
+        "--judgments",
+        JUDGMENTS,
+        "--out",
+        out,
+        "--no-finetune",
+        "--catalog-log-through",
+        "1700000000000-07",
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     return out
 
@@ -58,6 +68,7 @@ def test_manifest_is_what_the_service_reads(released: Path) -> None:
     assert (ranker["dense_k"], ranker["lexical_k"]) == (400, 400)
     assert raw["data"]["split"]["train_queries"] > raw["data"]["split"]["dev_queries"] > 0
     assert raw["metrics"]["dev"]["dev_ndcg@10"] > 0
+    assert manifest.catalog_log_through == "1700000000000-7"  # replicas replay the shared log after it
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ LiveCatalog is tested over ListLog (the CatalogLog protocol over a list) and ove
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -308,6 +309,31 @@ def test_a_writer_compacts_the_log_once_it_has_doubled(monkeypatch: pytest.Monke
     asyncio.run(scenario())
 
 
+def test_a_release_that_includes_the_first_changes_replays_only_the_later_ones() -> None:
+    async def scenario() -> None:
+        shared = ListLog()
+        a = await Replica().open(shared)
+        await a.upsert([item(1, "Werner step ladder")], timeout=5)
+        await a.upsert([item(2, "Garden hose reel cart")], timeout=5)
+        through = shared.records[0][0]
+        await a.upsert([item(3, "Brass hose nozzle")], timeout=5)
+        # A release exported from a catalog taken after the first change (offline.export --catalog-log-through).
+        replica = Replica()
+        release = replica.ranker.release
+        raw = {**release.manifest.raw, "catalog_log": {"through": through}}
+        manifest = dataclasses.replace(release.manifest, raw=raw)
+        replica.ranker = replica.ranker.with_release(dataclasses.replace(release, manifest=manifest))
+        assert manifest.catalog_log_through == through
+        b = await replica.open(shared)
+        assert {"n2", "n3"} <= set(titles(b)) and "n1" not in titles(b)  # n1 was to come with its catalog
+        await a.delete(["n2"])
+        await until(lambda: "n2" not in titles(b))
+        a.close()
+        b.close()
+
+    asyncio.run(scenario())
+
+
 # --- the Redis stream, against a real redis-server ---
 
 
@@ -321,6 +347,7 @@ def test_the_redis_log_appends_reads_pages_and_waits(redis_url: str) -> None:
         shared = RedisCatalogLog.from_url(redis_url, timeout_s=2.0, block_s=0.2, prefix="log-test-1")
         await shared.check()
         assert shared.durable is False  # the test server has no append-only file
+        assert await shared.position() == FIRST  # no log yet
         ids = []
         for i in range(300):  # more than one page
             item = CatalogItem(item_id=f"x{i}", title=f"item {i}")
@@ -409,6 +436,7 @@ def test_the_redis_log_compacts_in_one_step_and_keeps_the_appends_that_race_it(r
         assert last["x7"] == "raced 3" and last["x0"] == "item 200" and "x5" not in last
         assert set(deletes) == {"x5", "gone"}
         assert await shared.compact() is not None and len(await read(FIRST)) == 3  # again: the raced ones folded
+        assert await shared.position() == (await read(FIRST))[-1].id  # where a catalog taken now would stand
         await shared.close()
         await other.close()
 

@@ -57,6 +57,7 @@ def test_evaluate_names_a_missing_file_and_a_folder_that_is_not_a_release(
         (["--finetune-minutes", "-1"], "--finetune-minutes: must be a number > 0, got '-1'"),
         (["--interactions", "missing.csv"], "--interactions: no such file: missing.csv"),
         (["--limit", "0"], "--limit: must be an integer ≥ 1, got 0"),
+        (["--catalog-log-through", "latest"], "expected a stream id like 1700000000000-0, got 'latest'"),
     ],
 )
 def test_export_refuses_bad_arguments_before_training(
