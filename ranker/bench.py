@@ -6,6 +6,9 @@
     python -m ranker.bench --target localhost:50051 --compare localhost:50052 --queries ... \\
         --concurrency 1,16 --duration 5 --rounds 8 --json
 
+    # several servers on one port: spread the clients over 16 connections
+    python -m ranker.bench --target localhost:50051 --queries ... --concurrency 16 --channels 16
+
 Queries come from a text file (one per line) or from a judgments CSV's query/search_term column.
 Each concurrency level runs closed-loop clients for --duration seconds after a short warm-up, --rounds
 times; the summary of a level is the median of its rounds. On a shared machine whose speed drifts from
@@ -105,17 +108,32 @@ async def _client(
             out.stages_ms.setdefault(timing.stage, []).append(timing.millis)
 
 
-async def run_level(target: str, queries: Sequence[str], concurrency: int, duration: float, top_k: int) -> LevelResult:
+async def run_level(
+    target: str, queries: Sequence[str], concurrency: int, duration: float, top_k: int, channels: int = 1
+) -> LevelResult:
+    """One level: `concurrency` closed-loop clients over `channels` connections (client i on channel i mod n)."""
     result = LevelResult(concurrency)
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = ranker_pb2_grpc.RankerStub(channel)
+    # Each channel its own subchannel pool, hence its own TCP connection: several rankers listening on one
+    # port (SO_REUSEPORT) share connections, not calls, as they would share many callers' connections.
+    opened = [
+        grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(channels)
+    ]
+    try:
+        stubs = [ranker_pb2_grpc.RankerStub(channel) for channel in opened]
         warm = LevelResult(concurrency)
         warm_until = time.perf_counter() + min(2.0, duration / 5)
-        await asyncio.gather(*(_client(stub, queries, c * 997, warm_until, top_k, warm) for c in range(concurrency)))
+        await asyncio.gather(
+            *(_client(stubs[c % channels], queries, c * 997, warm_until, top_k, warm) for c in range(concurrency))
+        )
         start = time.perf_counter()
         stop_at = start + duration
-        await asyncio.gather(*(_client(stub, queries, c * 7919, stop_at, top_k, result) for c in range(concurrency)))
+        await asyncio.gather(
+            *(_client(stubs[c % channels], queries, c * 7919, stop_at, top_k, result) for c in range(concurrency))
+        )
         result.seconds = time.perf_counter() - start
+    finally:
+        for channel in opened:
+            await channel.close()
     return result
 
 
@@ -162,7 +180,13 @@ def paired(target: Sequence[Summary], compare: Sequence[Summary]) -> dict[str, o
 
 
 async def measure(
-    targets: Sequence[str], queries: Sequence[str], concurrency: int, duration: float, top_k: int, rounds: int
+    targets: Sequence[str],
+    queries: Sequence[str],
+    concurrency: int,
+    duration: float,
+    top_k: int,
+    rounds: int,
+    channels: int = 1,
 ) -> list[list[Summary]]:
     """Each target's summaries of `rounds` runs of one level, the targets taking turns in an order that flips
     every round (A B, B A, A B, ...)."""
@@ -170,7 +194,8 @@ async def measure(
     for r in range(rounds):
         order = range(len(targets)) if r % 2 == 0 else reversed(range(len(targets)))
         for i in order:
-            runs[i].append((await run_level(targets[i], queries, concurrency, duration, top_k)).summary())
+            level = await run_level(targets[i], queries, concurrency, duration, top_k, channels)
+            runs[i].append(level.summary())
     return runs
 
 
@@ -186,10 +211,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--compare", metavar="HOST:PORT", help="a second server, measured in alternation with --target (paired ratios)"
     )
+    parser.add_argument(
+        "--channels", type=int, default=1, help="connections the clients share (several servers on one port)"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    if args.channels < 1:
+        parser.error(f"--channels must be >= 1, got {args.channels}")
     return args
 
 
@@ -210,7 +240,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: list[list[Summary | dict[str, object]]] = [[] for _ in targets]
     pairs = []
     for level in levels:
-        runs = asyncio.run(measure(targets, queries, level, args.duration, args.top_k, args.rounds))
+        runs = asyncio.run(
+            measure(targets, queries, level, args.duration, args.top_k, args.rounds, min(args.channels, level))
+        )
         for i, target in enumerate(targets):
             results[i].append(runs[i][0] if args.rounds == 1 else combine(runs[i]))
             if not args.json:

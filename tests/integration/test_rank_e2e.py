@@ -266,6 +266,8 @@ def test_bench_cli_drives_real_traffic(ranker_target: str) -> None:
         ranker_target,
         "--queries",
         str(EXAMPLES / "judgments.csv"),
+        "--channels",
+        "2",  # the 4 clients over 2 connections (1 client: 1)
         "--concurrency",
         "1,4",
         "--duration",

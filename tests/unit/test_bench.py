@@ -57,7 +57,10 @@ def test_paired_with_a_dead_target_has_no_ratio() -> None:
     assert out["qps_ratio"] is None and out["qps_compare_better"] == 1
 
 
-def test_rounds_must_be_positive() -> None:
+def test_rounds_and_channels_must_be_positive() -> None:
     with pytest.raises(SystemExit):
         parse_args(["--queries", "q.txt", "--rounds", "0"])
     assert parse_args(["--queries", "q.txt", "--compare", "b:1", "--rounds", "4"]).compare == "b:1"
+    with pytest.raises(SystemExit):
+        parse_args(["--queries", "q.txt", "--channels", "0"])
+    assert parse_args(["--queries", "q.txt", "--channels", "16"]).channels == 16
