@@ -44,6 +44,7 @@ from redis import asyncio as aioredis
 from redis import exceptions as redis_errors
 
 from ranker.catalog_journal import Change, Delete, JournalError, Upsert, decode_change, encode_change, entries, fold
+from ranker.domain import CatalogItem
 from ranker.errors import BackendFailed
 from ranker.profiles import RedisTls, connection_options, redis_errors_as_backend
 
@@ -74,13 +75,21 @@ class Compaction:
     records_after: int
 
 
-def compacted(log: Sequence[LogEntry]) -> list[tuple[Change, str, int]]:
-    """The net effect of the entries as (change, encoder, dim) to append: the ids whose last change is a
-    delete, then each item's last upsert, grouped by the encoder that embedded it, COMPACT_CHUNK per change."""
+def fold_entries(
+    log: Sequence[LogEntry],
+) -> tuple[list[tuple[CatalogItem, np.ndarray]], list[str], dict[str, str]]:
+    """catalog_journal.fold() of the entries' changes, and the encoder of each upserted item's last upsert."""
     upserts, deletes = fold(entry.change for entry in log)
     encoders = {
         item.item_id: entry.encoder for entry in log if isinstance(entry.change, Upsert) for item in entry.change.items
     }
+    return upserts, deletes, encoders
+
+
+def compacted(log: Sequence[LogEntry]) -> list[tuple[Change, str, int]]:
+    """The net effect of the entries as (change, encoder, dim) to append: the ids whose last change is a
+    delete, then each item's last upsert, grouped by the encoder that embedded it, COMPACT_CHUNK per change."""
+    upserts, deletes, encoders = fold_entries(log)
     out: list[tuple[Change, str, int]] = [
         (Delete(tuple(deletes[i : i + COMPACT_CHUNK])), "", 0) for i in range(0, len(deletes), COMPACT_CHUNK)
     ]

@@ -39,7 +39,7 @@ from ranker.catalog_journal import (
     fold,
     read,
 )
-from ranker.catalog_log import FIRST, CatalogLog, LogEntry, after, entry_order
+from ranker.catalog_log import FIRST, CatalogLog, LogEntry, after, entry_order, fold_entries
 from ranker.catalog_overlay import Applied, CatalogSnapshot
 from ranker.domain import CatalogItem
 from ranker.errors import BackendError, BackendFailed, BackendTimeout, BackendUnavailable, NotConfigured
@@ -254,7 +254,7 @@ class LiveCatalog:
         fresh, state = self._log_state.advance(self._log_id, entries)
         applied = Applied()
         if fresh:
-            upserts, deletes, encoders = await asyncio.to_thread(_fold_entries, fresh)
+            upserts, deletes, encoders = await asyncio.to_thread(fold_entries, fresh)
             mine = encoder_fingerprint(self._base.release.manifest)
             foreign = [i for i, (item, _) in enumerate(upserts) if encoders[item.item_id] != mine]
             if foreign:
@@ -509,20 +509,6 @@ def _parts(change: Change) -> tuple[list[tuple[CatalogItem, np.ndarray]], tuple[
     if isinstance(change, Upsert):
         return list(zip(change.items, change.embeddings, strict=True)), ()
     return [], change.item_ids
-
-
-def _fold_entries(
-    log_entries: Sequence[LogEntry],
-) -> tuple[list[tuple[CatalogItem, np.ndarray]], list[str], dict[str, str]]:
-    """fold() of the entries' changes, and the encoder of each upserted item's last upsert."""
-    upserts, deletes = fold(entry.change for entry in log_entries)
-    encoders = {
-        item.item_id: entry.encoder
-        for entry in log_entries
-        if isinstance(entry.change, Upsert)
-        for item in entry.change.items
-    }
-    return upserts, deletes, encoders
 
 
 @dataclass(frozen=True)
