@@ -186,6 +186,13 @@ class Settings(BaseSettings):
         description="secret key (≥ 16 bytes) of the hashed user ids in logs; share it across replicas to correlate "
         "a user's lines. Unset: a random key per process",
     )
+    health_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="a second, plaintext port serving only grpc.health.v1, for probes that cannot speak the main "
+        "port's TLS or mTLS (Kubernetes grpc probes); 0 picks a free one. Unset: health on the main port only",
+    )
     metrics_port: int = Field(default=9464, ge=0, le=65535, description="Prometheus /metrics port; 0 disables")
     log_format: Literal["text", "json"] = Field(default="text", description="json: one JSON object per line")
     access_log: bool = Field(default=True, description="one log line per RPC (health checks excepted)")

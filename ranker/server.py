@@ -45,6 +45,8 @@ class RunningServer:
     port: int
     health: health_aio.HealthServicer
     metrics: observability.MetricsServer | None = None
+    health_server: grpc.aio.Server | None = None  # settings.health_port: the same health, in plaintext
+    health_port: int | None = None
 
     async def stop(self, grace: float, *, drain: float = 0.0, cut_short: asyncio.Event | None = None) -> None:
         """Report NOT_SERVING, keep serving for `drain` seconds (until `cut_short` is set, if given), then stop
@@ -61,6 +63,8 @@ class RunningServer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(waiter.wait(), drain)
         await self.server.stop(grace)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         if self.metrics is not None:
             self.metrics.stop()
 
@@ -110,10 +114,29 @@ async def start_server(
     )
     port = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
     await server.start()
+    health_server, health_port = await start_health_server(settings, health)
     metrics = observability.serve_metrics(settings.metrics_port, settings.host)
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
     await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server=server, port=port, health=health, metrics=metrics)
+    return RunningServer(
+        server=server, port=port, health=health, metrics=metrics, health_server=health_server, health_port=health_port
+    )
+
+
+async def start_health_server(
+    settings: Settings, health: health_aio.HealthServicer
+) -> tuple[grpc.aio.Server | None, int | None]:
+    """With settings.health_port: a plaintext server of grpc.health.v1 alone, answering from `health`, the main
+    port's own servicer (so it reports NOT_SERVING when the drain starts). Nothing else is reachable on it, so
+    a probe needs no certificate while every client of the ranker still does."""
+    if settings.health_port is None:
+        return None, None
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 4096)])
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    port = server.add_insecure_port(f"{settings.host}:{settings.health_port}")
+    await server.start()
+    log.info("grpc.health.v1 also on plaintext port %d (RANKER_HEALTH_PORT)", port)
+    return server, port
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:

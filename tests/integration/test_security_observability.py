@@ -45,6 +45,7 @@ class Served:
     pki: Pki
     token_file: Path
     metrics_port: int
+    health_port: int | None = None
 
     def channel(self, *, client_cert: bool = False, rogue: bool = False) -> grpc.Channel:
         if rogue:
@@ -131,7 +132,9 @@ def mtls_server(
     folder = tmp_path_factory.mktemp("mtls-ranker")
     token_file = folder / "client-token"
     token_file.write_text(INLINE_TOKEN + "\n")
+    health_port = free_port()
     env = {
+        "RANKER_HEALTH_PORT": str(health_port),  # plaintext health for probes that cannot do mTLS
         "RANKER_TLS_CLIENT_CA_FILE": str(pki.ca),
         "RANKER_AUTH_TOKENS": f"{INLINE_TOKEN},{SECOND_TOKEN}",
         "RANKER_AUTH_REQUIRED_FOR_RANK": "true",
@@ -142,7 +145,7 @@ def mtls_server(
         target, ca_file=pki.ca, cert_file=pki.client_cert, key_file=pki.client_key
     )
     for target, log, _ in _serve(example_release, triton, folder, pki, env, ready):
-        yield Served(target=target, log=log, pki=pki, token_file=token_file, metrics_port=0)
+        yield Served(target=target, log=log, pki=pki, token_file=token_file, metrics_port=0, health_port=health_port)
 
 
 def bearer(token: str) -> tuple[tuple[str, str], ...]:
@@ -327,3 +330,22 @@ def test_cli_talks_mtls_with_a_token(mtls_server: Served) -> None:
                                  client_cert=True)  # fmt: skip
     assert with_token.returncode == 0, with_token.stderr
     assert " 2. " in with_token.stdout
+
+
+def test_the_health_port_answers_health_in_plaintext_and_nothing_else(mtls_server: Served) -> None:
+    assert mtls_server.health_port is not None
+    target = f"127.0.0.1:{mtls_server.health_port}"
+    with grpc.insecure_channel(target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "ranker.v1.Ranker"):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        assert code_of(lambda: rank(channel)) is grpc.StatusCode.UNIMPLEMENTED
+        assert code_of(lambda: rank(channel, metadata=bearer(INLINE_TOKEN))) is grpc.StatusCode.UNIMPLEMENTED
+    done = subprocess.run(
+        [sys.executable, "-m", "ranker", "health", "--target", target], cwd=ROOT, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0 and "SERVING" in done.stdout
+    with grpc.insecure_channel(mtls_server.target) as plaintext:  # the main port still takes mTLS only
+        assert code_of(lambda: rank(plaintext, metadata=bearer(INLINE_TOKEN))) is grpc.StatusCode.UNAVAILABLE

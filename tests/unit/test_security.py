@@ -3,6 +3,7 @@ gRPC server with fake servicers."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from pydantic import ValidationError
 
@@ -27,6 +29,7 @@ from ranker.security import (
     server_credentials,
     token_metadata,
 )
+from ranker.server import start_health_server
 from ranker.v1 import ranker_pb2, ranker_pb2_grpc
 from tests.certs import Pki, make_pki
 from tests.unit.inprocess import running_server
@@ -321,3 +324,25 @@ def test_unregistered_protected_methods_are_refused_like_registered_ones(protect
         call = channel.unary_unary("/ranker.v1.RankerAdmin/NoSuchRpc")
         assert code_of(lambda: call(b"", timeout=10)) is grpc.StatusCode.UNAUTHENTICATED
         assert code_of(lambda: call(b"", metadata=bearer(OLD), timeout=10)) is grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_the_health_port_reports_the_main_ports_health_and_its_drain() -> None:
+    async def scenario() -> None:
+        health = health_aio.HealthServicer()
+        await health.set("", health_pb2.HealthCheckResponse.SERVING)
+        server, port = await start_health_server(Settings(host="127.0.0.1", health_port=0), health)
+        assert server is not None and port
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            await health.enter_graceful_shutdown()  # what RunningServer.stop does first
+            reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await ranker_pb2_grpc.RankerStub(channel).Rank(ranker_pb2.RankRequest(query="drill"), timeout=5)
+            assert caught.value.code() is grpc.StatusCode.UNIMPLEMENTED
+        await server.stop(0)
+        assert await start_health_server(Settings(), health) == (None, None)  # unset: no second port
+
+    asyncio.run(scenario())
