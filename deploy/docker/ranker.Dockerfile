@@ -25,11 +25,13 @@ WORKDIR /app
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONPATH=/app \
     PYTHONUNBUFFERED=1 \
-    PYTHONDONTWRITEBYTECODE=1
+    PYTHONDONTWRITEBYTECODE=1 \
+    RANKER_HEALTH_PORT=50052
 USER 10001:10001
-# 50051: gRPC (RANKER_PORT); 9464: Prometheus metrics (RANKER_METRICS_PORT).
-EXPOSE 50051 9464
+# 50051: gRPC (RANKER_PORT); 50052: grpc.health.v1 alone, plaintext even when 50051 takes TLS
+# (RANKER_HEALTH_PORT); 9464: Prometheus metrics (RANKER_METRICS_PORT).
+EXPOSE 50051 50052 9464
 # Start-up loads the release and waits up to RANKER_TRITON_STARTUP_WAIT_S (120 s) for Triton.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=3 \
-    CMD ["python", "-m", "ranker", "health", "--target", "localhost:50051"]
+    CMD ["python", "-m", "ranker", "health", "--target", "localhost:50052"]
 ENTRYPOINT ["python", "-m", "ranker", "serve"]

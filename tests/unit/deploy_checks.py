@@ -39,7 +39,10 @@ SERVICE_URL_SETTINGS = ("RANKER_TRITON_URL", "RANKER_PROFILE_STORE")
 # gRPC core spreads max_connection_age by ±10%, so the last connection can live 1.1× the age.
 CONNECTION_AGE_JITTER = 1.1
 # Secrets the operator makes (docs/deploy.md), never the manifests, and the keys the pods read from them.
-EXTERNAL_SECRETS = {"ranker-secrets": {"auth-tokens", "user-ref-key", "redis-password"}}
+EXTERNAL_SECRETS = {
+    "ranker-secrets": {"auth-tokens", "user-ref-key", "redis-password"},
+    "ranker-tls": {"tls.crt", "tls.key", "ca.crt"},
+}
 # Settings that name a file which must exist at start-up: in the manifests, a key of a mounted Secret.
 FILE_SETTINGS = {name for name, f in Settings.model_fields.items() if "path_type='file'" in repr(f.annotation)}
 
@@ -326,9 +329,17 @@ def check_ranker(
         problems.append(f"{where}: container port grpc != RANKER_PORT {settings.port}")
     if container_port(container, "metrics") != metrics_port:
         problems.append(f"{where}: container port metrics != RANKER_METRICS_PORT {metrics_port}")
+    # The kubelet's grpc probes speak plaintext: with TLS on RANKER_PORT they must ask RANKER_HEALTH_PORT.
+    probe_port, probe_setting = settings.port, "RANKER_PORT"
+    if settings.health_port is not None:
+        probe_port, probe_setting = settings.health_port, "RANKER_HEALTH_PORT"
+        if container_port(container, "health") != settings.health_port:
+            problems.append(f"{where}: container port health != RANKER_HEALTH_PORT {settings.health_port}")
+    elif settings.tls_cert_file is not None:
+        problems.append(f"{where}: TLS on RANKER_PORT and no RANKER_HEALTH_PORT: the grpc probes cannot connect")
     for probe_kind in PROBES:
-        if container.get(probe_kind, {}).get("grpc", {}).get("port") != settings.port:
-            problems.append(f"{where}: {probe_kind} must be a grpc probe on RANKER_PORT {settings.port}")
+        if container.get(probe_kind, {}).get("grpc", {}).get("port") != probe_port:
+            problems.append(f"{where}: {probe_kind} must be a grpc probe on {probe_setting} {probe_port}")
     if grace <= prestop_sleep(container) + settings.drain_s + settings.grace_s:
         problems.append(f"{where}: terminationGracePeriodSeconds {grace} <= preStop + RANKER_DRAIN_S + RANKER_GRACE_S")
     if settings.drain_s + prestop_sleep(container) == 0:

@@ -29,8 +29,8 @@ from tests.unit.deploy_render import kustomize_command, render, render_subset, r
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 DOCKER = DEPLOY / "docker"
-OVERLAYS = ("cpu", "gpu")
-KUSTOMIZATIONS = ("base", "monitoring", "overlays/cpu", "overlays/gpu")
+OVERLAYS = ("cpu", "gpu", "gpu-tls")
+KUSTOMIZATIONS = ("base", "monitoring", "overlays/cpu", "overlays/gpu", "overlays/gpu-tls")
 
 
 @functools.cache
@@ -123,7 +123,7 @@ def test_only_the_gpu_overlay_asks_for_gpus(overlay: tuple[str, list[Obj]]) -> N
     # The ranker sends each model's configuration with the model (ranker/swap.py): its setting picks the variant.
     config_name = find(objects, "ConfigMap", "ranker-settings")["data"]["RANKER_TRITON_CONFIG_NAME"]
     assert "--model-config-name" not in flags(triton["containers"][0]["args"][1:]), "Triton's flag is not used"
-    if name == "gpu":
+    if name.startswith("gpu"):
         assert gpu_requests(objects) == {"Deployment triton/triton": 1}
         assert config_name == "default", "on GPUs Triton must get each model's config.pbtxt"
         assert triton["nodeSelector"] and triton["tolerations"]
@@ -132,6 +132,24 @@ def test_only_the_gpu_overlay_asks_for_gpus(overlay: tuple[str, list[Obj]]) -> N
         assert config_name == "cpu", "without a GPU Triton must get configs/cpu.pbtxt"
         assert "nodeSelector" not in triton
     assert gpu_requests(rendered("base")) == {}
+
+
+def test_the_tls_overlay_mounts_its_certificates_and_probes_the_plaintext_health_port() -> None:
+    objects = rendered("overlays/gpu-tls")
+    settings = find(objects, "ConfigMap", "ranker-settings")["data"]
+    assert {k: v for k, v in settings.items() if k.startswith("RANKER_TLS_")} == {
+        "RANKER_TLS_CERT_FILE": "/etc/ranker/tls/tls.crt",
+        "RANKER_TLS_KEY_FILE": "/etc/ranker/tls/tls.key",
+        "RANKER_TLS_CLIENT_CA_FILE": "/etc/ranker/tls/ca.crt",  # mTLS
+    }
+    assert "RANKER_TLS_CERT_FILE" not in find(rendered("overlays/gpu"), "ConfigMap", "ranker-settings")["data"]
+    container = pod_spec(objects, "Deployment", "ranker")["containers"][0]
+    assert {c["grpc"]["port"] for c in (container[p] for p in ("startupProbe", "readinessProbe", "livenessProbe"))} == {
+        int(settings["RANKER_HEALTH_PORT"])
+    }
+    # Without the health port the probes could not connect: the cross-check says so.
+    del settings["RANKER_HEALTH_PORT"]
+    assert any("no RANKER_HEALTH_PORT: the grpc probes cannot connect" in p for p in cross_check(objects))
 
 
 def test_cpu_overlay_needs_no_custom_resource_definitions() -> None:
@@ -174,8 +192,15 @@ MUTATIONS: dict[str, tuple[str, str, list[str | int], object, str]] = {
         *SETTINGS, ["data", "RANKER_TRITON_MODELS"], "preloaded", "RANKER_TRITON_MODELS must be push",
     ),
     "ranker probe on another port": (
-        "Deployment", "ranker", [*CONTAINER, "readinessProbe", "grpc", "port"], 50052,
-        "readinessProbe port 50052 is no container port",
+        "Deployment", "ranker", [*CONTAINER, "readinessProbe", "grpc", "port"], 50053,
+        "readinessProbe port 50053 is no container port",
+    ),
+    "ranker probe on the grpc port": (
+        "Deployment", "ranker", [*CONTAINER, "livenessProbe", "grpc", "port"], 50051,
+        "livenessProbe must be a grpc probe on RANKER_HEALTH_PORT 50052",
+    ),
+    "health port setting and container port differ": (
+        *SETTINGS, ["data", "RANKER_HEALTH_PORT"], "50053", "container port health != RANKER_HEALTH_PORT 50053",
     ),
     "missing configmap": (
         "Deployment", "ranker", [*CONTAINER, "envFrom", 0, "configMapRef", "name"], "settings",
@@ -332,7 +357,9 @@ def test_ranker_image_checks_health_and_serves() -> None:
     health = json.loads(steps["HEALTHCHECK"].split("CMD", 1)[1])
     assert health[:4] == ["python", "-m", "ranker", "health"]
     settings = find(rendered("base"), *SETTINGS)["data"]
-    assert health[health.index("--target") + 1] == f"localhost:{settings['RANKER_PORT']}"
+    assert health[health.index("--target") + 1] == f"localhost:{settings['RANKER_HEALTH_PORT']}"
+    env = " ".join(rest for word, rest in dockerfile("ranker") if word == "ENV")
+    assert f"RANKER_HEALTH_PORT={settings['RANKER_HEALTH_PORT']}" in env  # the check works with TLS on the port too
     assert json.loads(steps["ENTRYPOINT"]) == ["python", "-m", "ranker", "serve"]
     for command in ("health", "serve"):
         cli = subprocess.run([sys.executable, "-m", "ranker", command, "--help"], capture_output=True, cwd=ROOT)
