@@ -130,8 +130,9 @@ class CatalogLog(Protocol):
         ...
 
     async def compact(self) -> Compaction | None:
-        """Replace every entry by `compacted(entries)`, with `through` set, in one step; None when there is
-        nothing to compact or another append came first (the log is then left as it was)."""
+        """Replace every entry by `compacted(entries)`, with `through` set, in one step (entries appended while it
+        ran are copied after them); None when the log is empty, or appends kept landing between its read and its
+        swap (COMPACT_ATTEMPTS times): the log is then left as it was."""
         ...
 
     async def close(self) -> None: ...

@@ -282,7 +282,7 @@ class LiveCatalog:
         return applied
 
     def _compact_when_due(self) -> None:
-        """Start compacting the shared log in the background when most of it may be superseded."""
+        """Start compacting the shared log in the background once it has doubled since its last compaction."""
         if self._log is None or not self._log_state.compaction_due() or self._retired:
             return
         if self._compaction is None or self._compaction.done():
