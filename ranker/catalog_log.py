@@ -35,9 +35,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 from redis import asyncio as aioredis
@@ -49,12 +50,13 @@ from ranker.errors import BackendFailed
 from ranker.profiles import RedisTls, connection_options, redis_errors_as_backend
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 FIRST = "0-0"  # the id before every entry
 PAGE = 256  # entries per read
 WAITAOF_TIMEOUT_MS = 2000
 STORE_SETTING = "RANKER_CATALOG_STORE_PASSWORD_FILE"
-COMPACT_CHUNK = 512  # item records per entry that a compaction writes
+COMPACT_CHUNK = 64  # item records per entry that a compaction writes
 COMPACT_ATTEMPTS = 5  # swaps tried before a compaction gives up because appends keep coming in between
 
 
@@ -79,7 +81,7 @@ def fold_entries(
     log: Sequence[LogEntry],
 ) -> tuple[list[tuple[CatalogItem, np.ndarray]], list[str], dict[str, str]]:
     """catalog_journal.fold() of the entries' changes, and the encoder of each upserted item's last upsert."""
-    upserts, deletes = fold(entry.change for entry in log)
+    upserts, deletes = fold(_yielding(entry.change) for entry in log)
     encoders = {
         item.item_id: entry.encoder for entry in log if isinstance(entry.change, Upsert) for item in entry.change.items
     }
@@ -165,7 +167,14 @@ def _entry(entry_id: bytes | str, fields: dict[Any, Any]) -> LogEntry:
 
 
 def _entries(page: Sequence[tuple[bytes | str, dict[Any, Any]]]) -> list[LogEntry]:
-    return [_entry(entry_id, fields) for entry_id, fields in page]
+    return [_yielding(_entry(entry_id, fields)) for entry_id, fields in page]
+
+
+def _yielding(value: T) -> T:
+    """`value`, after offering the GIL to other threads: while a worker thread decodes or encodes a log, the event
+    loop waits for it at most one entry long, not a whole switch interval (5 ms)."""
+    time.sleep(0)
+    return value
 
 
 def _fields(change: Change, encoder: str, dim: int) -> dict[str, bytes | str]:
@@ -173,7 +182,7 @@ def _fields(change: Change, encoder: str, dim: int) -> dict[str, bytes | str]:
 
 
 def _encoded(changes: Sequence[tuple[Change, str, int]]) -> list[dict[str, bytes | str]]:
-    return [_fields(change, encoder, dim) for change, encoder, dim in changes]
+    return [_yielding(_fields(change, encoder, dim)) for change, encoder, dim in changes]
 
 
 def _dim(change: Change) -> int:
@@ -286,7 +295,9 @@ class RedisCatalogLog:
     async def wait(self, since: str, *, block_s: float) -> list[LogEntry]:
         with _errors():
             answer: Any = await self._tail.xread({self.key: since}, count=PAGE, block=max(1, int(block_s * 1000)))
-        return [entry for _, page in answer or () for entry in _entries(page)]
+        page = [entry for _, entries_read in answer or () for entry in entries_read]
+        # On a worker thread, as read() does: a compaction's entries hold every changed item (megabytes of JSON).
+        return await asyncio.to_thread(_entries, page) if page else []
 
     async def length(self) -> int:
         with _errors():
