@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -472,3 +476,36 @@ def test_replicas_over_redis_compact_the_log_as_they_write(redis_url: str, monke
             await shared.close()
 
     asyncio.run(scenario())
+
+
+def test_the_position_command_prints_where_the_log_stands(redis_url: str) -> None:
+    store = redis_url.rsplit("/", 1)[0] + "/6"  # a database of its own: the rankers' key, ranker:catalog:log
+
+    def position(**env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "ranker", "catalog-log-position"],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    done = position(RANKER_CATALOG_STORE=store)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) | {"store": ""} == {
+        "store": "",
+        "key": "ranker:catalog:log",
+        "through": FIRST,
+        "entries": 0,
+    }
+
+    async def append() -> str:
+        shared = RedisCatalogLog.from_url(store, timeout_s=2.0, block_s=0.2)
+        entry_id = await shared.append(Delete(("x1",)), encoder="e", dim=16)
+        await shared.close()
+        return entry_id
+
+    entry_id = asyncio.run(append())
+    assert json.loads(position(RANKER_CATALOG_STORE=store).stdout)["through"] == entry_id
+    refused = position(RANKER_CATALOG_STORE="embedded")
+    assert refused.returncode != 0 and "no shared catalog log" in refused.stderr
