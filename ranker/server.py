@@ -131,7 +131,8 @@ async def start_health_server(
     a probe needs no certificate while every client of the ranker still does."""
     if settings.health_port is None:
         return None, None
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 4096)])
+    # Small limits: the port answers anyone who reaches it, and a probe sends one small Check at a time.
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 4096)], maximum_concurrent_rpcs=32)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     port = server.add_insecure_port(f"{settings.host}:{settings.health_port}")
     await server.start()
