@@ -185,7 +185,8 @@ def _encoded(changes: Sequence[tuple[Change, str, int]]) -> list[dict[str, bytes
     return [_yielding(_fields(change, encoder, dim)) for change, encoder, dim in changes]
 
 
-def _dim(change: Change) -> int:
+def embedding_dim(change: Change) -> int:
+    """The dimension of an upsert's embeddings (the `dim` field of its entry); 0 for a delete."""
     return int(change.embeddings.shape[1]) if isinstance(change, Upsert) else 0
 
 
@@ -261,7 +262,7 @@ class RedisCatalogLog:
                         return None
                     through = _text(last[0][0])
                     since = await self.read(log[-1].id, until=through)  # on another connection; WATCH is the pipe's
-                    appended = [_fields(e.change, e.encoder, _dim(e.change)) for e in since]
+                    appended = [_fields(e.change, e.encoder, embedding_dim(e.change)) for e in since]
                     pipe.multi()
                     for fields in block + appended:
                         pipe.xadd(self.key, fields | {"through": through})  # type: ignore[arg-type]

@@ -259,17 +259,7 @@ class LiveCatalog:
             foreign = [i for i, (item, _) in enumerate(upserts) if encoders[item.item_id] != mine]
             if foreign:
                 log.warning("catalog log: embedding %d items written with another text encoder again", len(foreign))
-                titles = [upserts[i][0].title for i in foreign]
-                vectors = await embed_titles(
-                    self._base.encoder,
-                    self._tokenizer,
-                    titles,
-                    dim=self.dim,
-                    timeout=None,
-                    call_timeout=self._call_timeout,
-                )
-                for i, vector in zip(foreign, vectors, strict=True):
-                    upserts[i] = (upserts[i][0], vector)
+                await self._embed_again(upserts, foreign, self._call_timeout)
             snapshot, applied = await asyncio.to_thread(self._snapshot.apply, upserts, deletes, self._analyzer)
             # As in a journal replay: a delete of an item with no row here still makes its id known.
             self._install(snapshot.with_tombstones(applied.not_found))
@@ -280,6 +270,18 @@ class LiveCatalog:
         self._log_id, self._log_state = entries[-1].id, state
         observability.METRICS.catalog_log_records.set(state.records)
         return applied
+
+    async def _embed_again(
+        self, upserts: list[tuple[CatalogItem, np.ndarray]], which: Sequence[int], call_timeout: float | None
+    ) -> None:
+        """Replace the embeddings of upserts[i], i in `which`, by this release's encoder's: they were written, to
+        the journal or the shared log, with another text encoder. BackendError when Triton cannot embed them."""
+        titles = [upserts[i][0].title for i in which]
+        vectors = await embed_titles(
+            self._base.encoder, self._tokenizer, titles, dim=self.dim, timeout=None, call_timeout=call_timeout
+        )
+        for i, vector in zip(which, vectors, strict=True):
+            upserts[i] = (upserts[i][0], vector)
 
     def _compact_when_due(self) -> None:
         """Start compacting the shared log in the background once it has doubled since its last compaction."""
@@ -361,12 +363,7 @@ class LiveCatalog:
                 header.release_id if header else "?",
                 len(upserts),
             )
-            items = [item for item, _ in upserts]
-            titles = [i.title for i in items]
-            vectors = await embed_titles(
-                self._base.encoder, self._tokenizer, titles, dim=self.dim, timeout=None, call_timeout=call_timeout
-            )
-            upserts = list(zip(items, vectors, strict=True))
+            await self._embed_again(upserts, range(len(upserts)), call_timeout)
         snapshot, applied = await asyncio.to_thread(self._snapshot.apply, upserts, deletes, self._analyzer)
         # A journaled delete names an item that existed when it was deleted. Without a row here (created
         # online and folded away, or absent from this release) its id stays known: requests naming it are

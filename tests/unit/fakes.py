@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from ranker.catalog_journal import Change, Upsert, decode_change, encode_change, entries
-from ranker.catalog_log import FIRST, Compaction, LogEntry, after, compacted
+from ranker.catalog_journal import Change, decode_change, encode_change, entries
+from ranker.catalog_log import FIRST, Compaction, LogEntry, after, compacted, embedding_dim
 from ranker.errors import BackendUnavailable
 from ranker.features import FEATURE_NAMES
 from ranker.release import Catalog, Manifest, Release
@@ -157,9 +157,7 @@ class ListLog:
             await hook()
         since = await self.read(log[-1].id)  # appended meanwhile: copied after the folded entries
         through = (since or log)[-1].id
-        block = compacted(log) + [
-            (e.change, e.encoder, e.change.embeddings.shape[1] if isinstance(e.change, Upsert) else 0) for e in since
-        ]
+        block = compacted(log) + [(e.change, e.encoder, embedding_dim(e.change)) for e in since]
         self.records = []
         for change, encoder, dim in block:
             self.through[self._add(change, encoder, dim)] = through
