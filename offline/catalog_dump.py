@@ -91,15 +91,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     from ranker.config import load_settings
-    from ranker.server import open_catalog_log
+    from ranker.server import shared_catalog_log
 
-    shared = await open_catalog_log(load_settings())
-    if shared is None:
-        raise SystemExit("RANKER_CATALOG_STORE is 'embedded': there is no shared catalog log to dump")
-    try:
+    async with shared_catalog_log(load_settings()) as shared:
         return await dump(args.release, args.out, shared)
-    finally:
-        await shared.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

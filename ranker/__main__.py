@@ -88,22 +88,17 @@ def _load_release(args: argparse.Namespace) -> int:
 def _catalog_log_position(args: argparse.Namespace) -> int:
     from ranker.config import load_settings
     from ranker.profiles import redacted
-    from ranker.server import open_catalog_log
+    from ranker.server import shared_catalog_log
 
     async def position() -> dict[str, object]:
         settings = load_settings()
-        shared = await open_catalog_log(settings)
-        if shared is None:
-            raise SystemExit("RANKER_CATALOG_STORE is 'embedded': there is no shared catalog log")
-        try:
+        async with shared_catalog_log(settings) as shared:
             return {
                 "store": redacted(settings.catalog_store),
                 "key": shared.key,
                 "through": await shared.position(),
                 "entries": await shared.length(),
             }
-        finally:
-            await shared.close()
 
     print(json.dumps(asyncio.run(position())))
     return 0

@@ -290,6 +290,19 @@ async def open_catalog_log(settings: Settings) -> RedisCatalogLog | None:
     return shared
 
 
+@contextlib.asynccontextmanager
+async def shared_catalog_log(settings: Settings) -> AsyncIterator[RedisCatalogLog]:
+    """open_catalog_log for a command that needs the log (catalog-log-position, offline.catalog_dump), closed
+    after; SystemExit when RANKER_CATALOG_STORE is 'embedded'."""
+    shared = await open_catalog_log(settings)
+    if shared is None:
+        raise SystemExit("RANKER_CATALOG_STORE is 'embedded': there is no shared catalog log")
+    try:
+        yield shared
+    finally:
+        await shared.close()
+
+
 def redis_tls(settings: Settings) -> profiles.RedisTls:
     """The RANKER_REDIS_TLS_* files, for whichever store's URL is rediss://."""
     return profiles.RedisTls(
