@@ -19,7 +19,12 @@ def _serve(args: argparse.Namespace) -> int:
     from ranker.server import serve
 
     settings = load_settings(release=args.release, port=args.port, host=args.host, triton_url=args.triton_url)
-    configure_logging(settings.log_level, settings.log_format)
+    worker = {"worker": settings.worker_index} if settings.worker_index is not None else None
+    configure_logging(settings.log_level, settings.log_format, fields=worker)
+    if settings.workers > 1 and settings.worker_index is None:
+        from ranker.workers import supervise
+
+        return supervise(settings)
     asyncio.run(serve(settings))
     return 0
 

@@ -39,6 +39,21 @@ class Settings(BaseSettings):
         "behind an L4 balancer reconnect and spread over replicas, and leave a draining one; unset: never",
     )
 
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="ranker processes sharing the gRPC port (SO_REUSEPORT: the kernel spreads connections, not calls, "
+        "over them) and one Triton. Above 1: Redis profile and catalog stores, a fixed port, worker i's metrics on "
+        "metrics_port + i, and RankerAdmin.LoadRelease refused (restart to change release)",
+    )
+    worker_index: int | None = Field(
+        default=None, ge=0, description="set by `ranker serve` for each of its worker processes, not by operators"
+    )
+    worker_ready_fd: int | None = Field(
+        default=None, ge=0, description="set by `ranker serve`: the pipe a worker reports SERVING on"
+    )
+
     triton_url: str = Field(
         default="embedded",
         description="host:port of Triton's gRPC endpoint, or 'embedded' to start a local CPU tritonserver",
@@ -220,6 +235,20 @@ class Settings(BaseSettings):
             raise ValueError("auth_tokens is set but holds no token; unset it to run without tokens")
         if self.auth_required_for_rank and self.auth_token_file is None and self.auth_tokens is None:
             raise ValueError("auth_required_for_rank needs auth_token_file or auth_tokens")
+        return self
+
+    @model_validator(mode="after")
+    def _workers_consistent(self) -> Settings:
+        if self.workers == 1:
+            return self
+        # Every worker must see every change, whichever worker took it: state lives in the stores they share.
+        for field in ("catalog_store", "profile_store"):
+            if getattr(self, field) == "embedded":
+                raise ValueError(f"workers > 1 ({self.workers}) needs {field} on Redis, not 'embedded'")
+        if self.port == 0:
+            raise ValueError(f"workers > 1 ({self.workers}) needs a fixed port: port 0 would give each its own")
+        if self.worker_index is not None and self.worker_index >= self.workers:
+            raise ValueError(f"worker_index ({self.worker_index}) must be below workers ({self.workers})")
         return self
 
     @model_validator(mode="after")

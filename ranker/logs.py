@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Mapping
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any, Literal, TextIO
@@ -82,11 +83,30 @@ class TextFormatter(logging.Formatter):
         return super().format(shown)
 
 
-def configure_logging(level: str | int, fmt: LogFormat, stream: TextIO | None = None) -> logging.Handler:
-    """Replace the root logger's handlers with one that writes `fmt` to stderr (or `stream`)."""
+class FieldsFilter(logging.Filter):
+    """Puts the same fields on every record (e.g. `worker`, the process's index among RANKER_WORKERS)."""
+
+    def __init__(self, fields: Mapping[str, Any]) -> None:
+        super().__init__()
+        self.fields = dict(fields)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for key, value in self.fields.items():
+            if not hasattr(record, key):
+                setattr(record, key, value)
+        return True
+
+
+def configure_logging(
+    level: str | int, fmt: LogFormat, stream: TextIO | None = None, fields: Mapping[str, Any] | None = None
+) -> logging.Handler:
+    """Replace the root logger's handlers with one that writes `fmt` to stderr (or `stream`), each line with
+    `fields` added as if passed with `extra=`."""
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(RequestIdFilter())
+    if fields:
+        handler.addFilter(FieldsFilter(fields))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

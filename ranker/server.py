@@ -16,7 +16,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from threadpoolctl import threadpool_limits
 
-from ranker import observability, privacy, profiles, security, tracing
+from ranker import observability, privacy, profiles, security, tracing, workers
 from ranker.catalog_journal import JournalError
 from ranker.catalog_log import CatalogLog, RedisCatalogLog
 from ranker.config import Settings
@@ -366,6 +366,12 @@ def release_switch(
             startup_wait_s=settings.triton_startup_wait_s,
             drain_s=settings.release_drain_s,
             keep_previous=settings.release_keep_previous,
+            swaps_refused=(
+                f"this ranker is one of {settings.workers} worker processes (RANKER_WORKERS), and a release load "
+                "would swap only this one: restart them on the new release"
+                if settings.workers > 1
+                else None
+            ),
             score_on_triton=settings.scorer == "triton",
         ),
     )
@@ -445,7 +451,14 @@ async def _serve_release(settings: Settings, path: Path) -> None:
                 switch.model_loading,
             )
             signals = Signals()
+            supervisor = None
+            if settings.worker_index is not None:  # one of `ranker serve`'s workers (ranker.workers)
+                supervisor = asyncio.create_task(workers.watch_supervisor())
+                if settings.worker_ready_fd is not None:
+                    workers.notify_ready(settings.worker_ready_fd)
             await signals.next()
+            if supervisor is not None:
+                supervisor.cancel()
             # A second SIGTERM/SIGINT cuts the drain short.
             await running.stop(settings.grace_s, drain=settings.drain_s, cut_short=signals.next_event())
             log.info("stopped: in-flight RPCs finished or their %.1fs grace ran out", settings.grace_s)

@@ -264,6 +264,7 @@ class SwitchSettings:
     drain_s: float = 30.0  # for the old release's RPCs, before unloading its models anyway
     keep_previous: int = 0  # replaced releases whose models stay loaded (several rankers sharing one Triton)
     score_on_triton: bool = True  # False (RANKER_SCORER=inprocess): the ranker model is not loaded into Triton
+    swaps_refused: str | None = None  # why load() is refused (NotConfigured), e.g. one of several worker processes
 
 
 class ReleaseSwitch:
@@ -397,6 +398,8 @@ class ReleaseSwitch:
     async def load(self, path: Path) -> Swapped:
         """Swap to the release at `path` (see the module docstring). Busy while another load runs; loading the
         serving release again changes nothing. The swap runs on even if the caller goes away."""
+        if self._settings.swaps_refused is not None:
+            raise NotConfigured(self._settings.swaps_refused)
         if self._loading is not None:
             raise Busy(f"a release load is already running ({self._loading}); retry when it has finished")
         self._loading = str(path)

@@ -15,7 +15,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from ranker.errors import BackendFailed, BackendTimeout, BackendUnavailable
-from ranker.logs import REQUEST_ID, JsonFormatter, RequestIdFilter, TextFormatter
+from ranker.logs import REQUEST_ID, JsonFormatter, RequestIdFilter, TextFormatter, configure_logging
 from ranker.observability import (
     METRICS,
     Metrics,
@@ -185,6 +185,26 @@ def test_text_lines_show_the_request_id_and_extras() -> None:
         REQUEST_ID.reset(token)
     assert " WARNING ranker.test [req-8]: hello world code=OK" in line
     assert "[" not in TextFormatter().format(_record())
+
+
+def test_configured_fields_are_on_every_line_in_both_formats() -> None:
+    """A worker of RANKER_WORKERS stamps its index on each line; a field the call passes itself wins."""
+    root = logging.getLogger()
+    for fmt in ("json", "text"):
+        stream = io.StringIO()
+        handlers, level = list(root.handlers), root.level
+        configure_logging("INFO", fmt, stream, fields={"worker": 1})
+        try:
+            logging.getLogger("ranker.test").info("hello")
+            logging.getLogger("ranker.test").info("mine", extra={"worker": 7})
+        finally:
+            root.handlers[:] = handlers
+            root.setLevel(level)
+        first, second = stream.getvalue().splitlines()
+        if fmt == "json":
+            assert (json.loads(first)["worker"], json.loads(second)["worker"]) == (1, 7)
+        else:
+            assert first.endswith("hello worker=1") and second.endswith("mine worker=7")
 
 
 # --- the interceptor through the wire -------------------------------------------------------------
