@@ -15,8 +15,9 @@ This module is the supervisor, the process `ranker serve` becomes when workers >
    serves, and only then does the next start, so that they do not all load at once;
 3. SIGTERM or SIGINT is passed on to every worker, which drains as a single ranker does (a second signal
    cuts the drain short); once they have all exited, Triton is stopped;
-4. when a worker exits by itself, the supervisor stops the others and exits 1, for the orchestrator to
-   restart the whole set: a half-size set would still look healthy through the survivors.
+4. a worker that exits by itself (a crash, the OOM killer) is started again while the others serve on; more
+   than MAX_RESTARTS such exits within RESTART_WINDOW_S, or a worker that exits again before it serves, is a
+   crash loop: the supervisor stops the others and exits 1, for the orchestrator to restart the whole set.
 
 Workers share nothing in memory, so the settings validation (ranker.config) requires the profile and catalog
 stores on Redis: an event or catalog change taken by one worker reaches the others as it reaches other replicas.
@@ -45,6 +46,8 @@ log = logging.getLogger(__name__)
 
 POLL_S = 0.2
 READY = b"1"
+MAX_RESTARTS = 3  # worker exits within RESTART_WINDOW_S that are restarted; one more stops the set
+RESTART_WINDOW_S = 60.0
 
 
 def notify_ready(fd: int) -> None:
@@ -70,7 +73,8 @@ class Supervisor:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.workers: list[subprocess.Popen[bytes]] = []
+        self.workers: list[subprocess.Popen[bytes]] = []  # serving, by index
+        self.starting: subprocess.Popen[bytes] | None = None  # started, not yet serving
         self.stopping = False
         self.signals = 0
 
@@ -98,12 +102,12 @@ class Supervisor:
     def _signal(self, signum: int, _frame: FrameType | None) -> None:
         self.stopping = True
         self.signals += 1
-        for worker in self.workers:
+        for worker in [*self.workers, *([self.starting] if self.starting is not None else [])]:
             if worker.poll() is None:
                 worker.send_signal(signum)
 
     def run(self) -> int:
-        """Start Triton and the workers, supervise them until a signal or a worker's exit; the exit status."""
+        """Start Triton and the workers, supervise them until a signal or a crash loop; the exit status."""
         settings = self.settings
         if settings.release is None:
             raise SystemExit("no release: pass --release DIR or set RANKER_RELEASE")
@@ -116,12 +120,15 @@ class Supervisor:
             signal.signal(signum, self._signal)
         with self._triton() as triton_url:
             for index in range(settings.workers):
-                if self.stopping or not self._start(index, triton_url):
+                worker = self._start(index, triton_url)
+                if worker is None:
                     break
+                self.workers.append(worker)
             else:
                 log.info("%d workers serving on %s:%d", settings.workers, settings.host, settings.port)
-            status = self._supervise()
-        return status
+            status = self._supervise(triton_url) if len(self.workers) == settings.workers else 1
+            clean = self._stop_all()
+        return status if clean or status else 1
 
     @contextlib.contextmanager
     def _triton(self) -> Iterator[str]:
@@ -136,8 +143,9 @@ class Supervisor:
         finally:
             local.stop()
 
-    def _start(self, index: int, triton_url: str) -> bool:
-        """Start worker `index` and wait until it serves; False when it exited first or a signal came."""
+    def _start(self, index: int, triton_url: str) -> subprocess.Popen[bytes] | None:
+        """Start worker `index` and wait until it serves; None when it exited first (or a signal came: then it is
+        stopped)."""
         read_end, write_end = os.pipe()
         try:
             worker = subprocess.Popen(
@@ -149,38 +157,58 @@ class Supervisor:
             )
         finally:
             os.close(write_end)
-        self.workers.append(worker)
+        self.starting = worker
         log.info("worker %d started (pid %d)", index, worker.pid)
-        with open(read_end, "rb", buffering=0) as ready:
-            while not self.stopping:
-                readable, _, _ = select.select([ready], [], [], POLL_S)
-                if readable:
-                    if ready.read(1) == READY:
-                        log.info("worker %d (pid %d) serving", index, worker.pid)
-                        return True
-                    break  # end of file: the worker exited before it served
-        return False
+        try:
+            with open(read_end, "rb", buffering=0) as ready:
+                while not self.stopping:
+                    readable, _, _ = select.select([ready], [], [], POLL_S)
+                    if readable:
+                        if ready.read(1) == READY:
+                            log.info("worker %d (pid %d) serving", index, worker.pid)
+                            return worker
+                        break  # end of file: the worker exited before it served
+        finally:
+            self.starting = None
+        worker.terminate()  # no-op when it has exited; a signal came otherwise
+        worker.wait()
+        if not self.stopping:
+            log.error("worker %d (pid %d) exited with %s before it served", index, worker.pid, worker.returncode)
+        return None
 
-    def _supervise(self) -> int:
-        """Wait for a signal (pass it on, wait for every worker) or a worker's own exit (stop the rest)."""
+    def _supervise(self, triton_url: str) -> int:
+        """Until a signal: 0, or 1 when a worker failed to stop cleanly. A worker that exits by itself is started
+        again; more than MAX_RESTARTS exits within RESTART_WINDOW_S, or a restart that never serves, is a crash
+        loop: 1, for the orchestrator to restart the whole set."""
+        exits: list[float] = []
         while not self.stopping:
-            exited = [(i, w) for i, w in enumerate(self.workers) if w.poll() is not None]
-            if exited:
-                index, worker = exited[0]
-                log.error(
-                    "worker %d (pid %d) exited with %s: stopping the others", index, worker.pid, worker.returncode
-                )
-                self.stopping = True
-                for other in self.workers:
-                    if other.poll() is None:
-                        other.terminate()
-                self._wait_all()
-                return 1
+            for index, worker in enumerate(self.workers):
+                if worker.poll() is None or self.stopping:
+                    continue
+                now = time.monotonic()
+                exits = [t for t in exits if now - t < RESTART_WINDOW_S] + [now]
+                log.error("worker %d (pid %d) exited with %s", index, worker.pid, worker.returncode)
+                if len(exits) > MAX_RESTARTS:
+                    log.error("%d worker exits within %.0f s: stopping the set", len(exits), RESTART_WINDOW_S)
+                    return 1
+                restarted = self._start(index, triton_url)
+                if restarted is None:
+                    return 0 if self.stopping else 1
+                self.workers[index] = restarted
             time.sleep(POLL_S)
+        return 0
+
+    def _stop_all(self) -> bool:
+        """Stop the workers (a signal has already been passed on to them, or SIGTERM now); whether all of them
+        stopped cleanly."""
+        if self.signals == 0:
+            for worker in self.workers:
+                if worker.poll() is None:
+                    worker.send_signal(signal.SIGTERM)
         self._wait_all()
-        failed = [w.returncode for w in self.workers if w.returncode not in (0, -signal.SIGTERM, -signal.SIGINT)]
-        log.info("workers stopped (exit statuses %s)", [w.returncode for w in self.workers])
-        return 1 if failed else 0
+        statuses = [w.returncode for w in self.workers]
+        log.info("workers stopped (exit statuses %s)", statuses)
+        return all(status in (0, -signal.SIGTERM, -signal.SIGINT) for status in statuses)
 
     def _wait_all(self) -> None:
         """Until every worker has exited. Their own grace and drain bound that; a worker still there after both

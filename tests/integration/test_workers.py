@@ -67,10 +67,7 @@ def free_port_pair() -> int:
     raise AssertionError("no two free consecutive ports")
 
 
-@contextlib.contextmanager
-def worker_set(release: Path, redis_url: str, tmp_path: Path) -> Iterator[WorkerSet]:
-    port, metrics = free_port(), free_port_pair()
-    log = tmp_path / "supervisor.log"
+def worker_env(redis_url: str, tmp_path: Path, metrics: int) -> dict[str, str]:
     env = {
         **os.environ,
         "RANKER_WORKERS": "2",
@@ -81,6 +78,14 @@ def worker_set(release: Path, redis_url: str, tmp_path: Path) -> Iterator[Worker
         "RANKER_TRITON_TIMEOUT_S": "5",
     }
     env.pop("RANKER_TRITON_URL", None)  # the supervisor starts the embedded tritonserver
+    return env
+
+
+@contextlib.contextmanager
+def worker_set(release: Path, redis_url: str, tmp_path: Path) -> Iterator[WorkerSet]:
+    port, metrics = free_port(), free_port_pair()
+    log = tmp_path / "supervisor.log"
+    env = worker_env(redis_url, tmp_path, metrics)
     command = [sys.executable, "-m", "ranker", "serve", "--release", str(release), "--port", str(port)]
     with log.open("wb") as sink:
         process = subprocess.Popen(
@@ -163,12 +168,42 @@ def test_workers_share_the_port_the_triton_and_the_catalog_and_stop_together(
         assert log.count("stopped: in-flight RPCs finished") == 2, log[-4000:]
 
 
-def test_a_worker_that_dies_stops_the_set_for_a_restart(example_release: Path, redis_url: str, tmp_path: Path) -> None:
+def test_a_killed_worker_is_started_again_and_a_crash_loop_stops_the_set(
+    example_release: Path, redis_url: str, tmp_path: Path
+) -> None:
     with worker_set(example_release, redis_url, tmp_path) as workers:
-        pids = workers.pids()
-        os.kill(pids["1"], signal.SIGKILL)
+        first = workers.pids()
+        os.kill(first["1"], signal.SIGKILL)
+        eventually(lambda: workers.log.read_text().count("worker 1 started") == 2, "worker 1 not restarted", 30)
+        eventually(lambda: workers.log.read_text().count("worker 1 (pid") >= 3, "worker 1 not serving again", 60)
+        assert workers.process.poll() is None and not gone(first["0"])  # worker 0 served on
+        with grpc.insecure_channel(workers.target) as channel:
+            response = ranker_pb2_grpc.RankerStub(channel).Rank(ranker_pb2.RankRequest(query="drill"), timeout=30)
+            assert not response.degraded
+
+        # three more exits within the window: a crash loop, and the whole set stops for the orchestrator
+        for round_ in range(3):
+            pid = workers.pids()["1"]
+            os.kill(pid, signal.SIGKILL)
+            if round_ < 2:  # the next one must be serving before it is killed (one that dies starting ends the set)
+
+                def serving(pid: int = pid) -> bool:
+                    new = workers.pids()["1"]
+                    return new != pid and f"worker 1 (pid {new}) serving" in workers.log.read_text()
+
+                eventually(serving, "worker 1 not restarted", 60)
         assert workers.wait_exit() == 1, workers.log.read_text()[-4000:]
-        assert all(gone(pid) for pid in pids.values()), pids
-        assert "worker 1 (pid" in workers.log.read_text() and "exited with -9: stopping the others" in (
-            workers.log.read_text()
-        )
+        log = workers.log.read_text()
+        assert "4 worker exits within 60 s: stopping the set" in log, log[-4000:]
+        assert all(gone(pid) for pid in [*first.values(), *workers.pids().values()])
+
+
+def test_a_worker_that_cannot_start_stops_the_supervisor_and_its_triton(redis_url: str, tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "ranker", "serve", "--release", str(tmp_path / "missing")]
+    env = {**worker_env(redis_url, tmp_path, 0), "RANKER_PORT": str(free_port())}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 1, done.stderr[-4000:]
+    assert "worker 0 (pid" in done.stderr and "before it served" in done.stderr, done.stderr[-4000:]
+    assert "worker 1 started" not in done.stderr
+    triton = re.search(r"embedded tritonserver ready at \S+ \(pid (\d+)\)", done.stderr)
+    assert triton is not None and gone(int(triton[1]))
