@@ -119,15 +119,20 @@ class Supervisor:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._signal)
         with self._triton() as triton_url:
-            for index in range(settings.workers):
-                worker = self._start(index, triton_url)
-                if worker is None:
-                    break
-                self.workers.append(worker)
-            else:
-                log.info("%d workers serving on %s:%d", settings.workers, settings.host, settings.port)
-            status = self._supervise(triton_url) if len(self.workers) == settings.workers else 1
-            clean = self._stop_all()
+            try:
+                for index in range(settings.workers):
+                    worker = None if self.stopping else self._start(index, triton_url)
+                    if worker is None:
+                        break
+                    self.workers.append(worker)
+                else:
+                    log.info("%d workers serving on %s:%d", settings.workers, settings.host, settings.port)
+                if len(self.workers) == settings.workers:
+                    status = self._supervise(triton_url)
+                else:
+                    status = 0 if self.stopping else 1  # a signal while starting, or a worker that could not start
+            finally:
+                clean = self._stop_all()
         return status if clean or status else 1
 
     @contextlib.contextmanager
