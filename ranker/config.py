@@ -45,13 +45,13 @@ class Settings(BaseSettings):
         le=64,
         description="ranker processes sharing the gRPC port (SO_REUSEPORT: the kernel spreads connections, not calls, "
         "over them) and one Triton. Above 1: Redis profile and catalog stores, a fixed port, worker i's metrics on "
-        "metrics_port + i, and RankerAdmin.LoadRelease refused (restart to change release)",
+        "metrics_port + i; RankerAdmin.LoadRelease rolls the whole set to the new release",
     )
     worker_index: int | None = Field(
         default=None, ge=0, description="set by `ranker serve` for each of its worker processes, not by operators"
     )
-    worker_ready_fd: int | None = Field(
-        default=None, ge=0, description="set by `ranker serve`: the pipe a worker reports SERVING on"
+    worker_control_fd: int | None = Field(
+        default=None, ge=0, description="set by `ranker serve` for each worker: its socket to the supervisor"
     )
 
     triton_url: str = Field(

@@ -11,11 +11,14 @@ import asyncio
 import contextlib
 import logging
 import re
+import socket
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -27,10 +30,12 @@ from prometheus_client import (
     Histogram,
     Info,
     gc_collector,
+    make_wsgi_app,
     platform_collector,
     process_collector,
     start_http_server,
 )
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from ranker.errors import BackendFailed, BackendTimeout, BackendUnavailable
 from ranker.logs import REQUEST_ID
@@ -249,14 +254,37 @@ class MetricsServer:
         self._server.server_close()
 
 
-def serve_metrics(port: int, host: str, metrics: Metrics = METRICS) -> MetricsServer | None:
-    """Serve `metrics` on http://host:port/metrics; None when port is 0 (disabled)."""
+def serve_metrics(
+    port: int, host: str, metrics: Metrics = METRICS, *, share_port: bool = False
+) -> MetricsServer | None:
+    """Serve `metrics` on http://host:port/metrics; None when port is 0 (disabled). With `share_port` the port is
+    bound with SO_REUSEPORT: a worker of RANKER_WORKERS and its replacement in a roll both hold it for a moment."""
     if port == 0:
         return None
-    server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
+    server: WSGIServer
+    if share_port:
+        server = _shared_port_server(port, host, metrics.registry)
+    else:
+        server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
     bound = int(server.server_address[1])
     log.info("Prometheus metrics on http://%s:%d/metrics", host, bound)
     return MetricsServer(port=bound, _server=server)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """No line per scrape."""
+
+
+def _shared_port_server(port: int, host: str, registry: CollectorRegistry) -> WSGIServer:
+    """prometheus_client's threaded WSGI server for `registry`, bound with SO_REUSEPORT, serving on a daemon thread."""
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+    server_class = type(
+        "SharedPortServer", (ThreadingWSGIServer,), {"address_family": family, "allow_reuse_port": True}
+    )
+    server: WSGIServer = make_server(host, port, make_wsgi_app(registry), server_class, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return server
 
 
 # --- the interceptor -----------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from ranker.models import ONNX_FILE, CachedEncoder, Encoder, OnnxScorer, QueryTo
 from ranker.personal import Personalizer
 from ranker.pipeline import PipelineSettings, Ranker
 from ranker.release import MODEL_REPOSITORY, TOKENIZER, Release
-from ranker.service import RankerAdminServicer, RankerServicer
+from ranker.service import RankerAdminServicer, RankerServicer, ReleaseLoader
 from ranker.swap import ReleaseLeases, ReleaseParts, ReleaseSwitch, SwitchSettings
 from ranker.triton import TritonEncoder, TritonModels, TritonScorer
 from ranker.tritonserver import LocalTritonServer
@@ -89,8 +89,10 @@ async def start_server(
     *,
     catalog: CatalogUpdates | None = None,
     switch: ReleaseSwitch | None = None,
+    releases: ReleaseLoader | None = None,
 ) -> RunningServer:
-    """Serve Ranker over `current`; with `switch`, RankerAdmin too (release swaps)."""
+    """Serve Ranker over `current`; with `switch`, RankerAdmin too: release swaps by `switch`, or by `releases`
+    (a worker of RANKER_WORKERS: the supervisor rolls the set)."""
     chain = interceptors(settings)
     if switch is not None:
         chain.append(ReleaseLeases())  # innermost: an RPC holds its release while its handler runs
@@ -100,7 +102,7 @@ async def start_server(
     ranker_pb2_grpc.add_RankerServicer_to_server(RankerServicer(current, settings, catalog=catalog), server)
     services = [SERVICE_NAME]
     if switch is not None:
-        ranker_pb2_grpc.add_RankerAdminServicer_to_server(RankerAdminServicer(switch), server)
+        ranker_pb2_grpc.add_RankerAdminServicer_to_server(RankerAdminServicer(releases or switch), server)
         services.append(ADMIN_SERVICE_NAME)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -115,7 +117,9 @@ async def start_server(
     port = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
     await server.start()
     health_server, health_port = await start_health_server(settings, health)
-    metrics = observability.serve_metrics(settings.metrics_port, settings.host)
+    metrics = observability.serve_metrics(
+        settings.metrics_port, settings.host, share_port=settings.worker_index is not None
+    )
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
     await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     return RunningServer(
@@ -366,12 +370,6 @@ def release_switch(
             startup_wait_s=settings.triton_startup_wait_s,
             drain_s=settings.release_drain_s,
             keep_previous=settings.release_keep_previous,
-            swaps_refused=(
-                f"this ranker is one of {settings.workers} worker processes (RANKER_WORKERS), and a release load "
-                "would swap only this one: restart them on the new release"
-                if settings.workers > 1
-                else None
-            ),
             score_on_triton=settings.scorer == "triton",
         ),
     )
@@ -440,7 +438,9 @@ async def _serve_release(settings: Settings, path: Path) -> None:
                 raise SystemExit(f"cannot replay the catalog updates in {where}: {e}") from e
             observability.METRICS.set_release(release.manifest.release_id, ranker.model_versions)
             await warm_up(ranker, settings.triton_timeout_s)
-            running = await start_server(settings, switch.current, catalog=switch, switch=switch)
+            link = None if settings.worker_control_fd is None else workers.SupervisorLink(settings.worker_control_fd)
+            releases = None if link is None else workers.WorkerReleases(switch, link)  # LoadRelease: a roll of the set
+            running = await start_server(settings, switch.current, catalog=switch, switch=switch, releases=releases)
             keeper = asyncio.create_task(switch.keep_loaded())
             log.info(
                 "ranker.v1.Ranker serving on %s:%d (release %s, triton %s, models %s)",
@@ -454,8 +454,8 @@ async def _serve_release(settings: Settings, path: Path) -> None:
             supervisor = None
             if settings.worker_index is not None:  # one of `ranker serve`'s workers (ranker.workers)
                 supervisor = asyncio.create_task(workers.watch_supervisor())
-                if settings.worker_ready_fd is not None:
-                    workers.notify_ready(settings.worker_ready_fd)
+                if link is not None:
+                    await link.serving(switch)
             await signals.next()
             if supervisor is not None:
                 supervisor.cancel()

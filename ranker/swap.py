@@ -264,7 +264,6 @@ class SwitchSettings:
     drain_s: float = 30.0  # for the old release's RPCs, before unloading its models anyway
     keep_previous: int = 0  # replaced releases whose models stay loaded (several rankers sharing one Triton)
     score_on_triton: bool = True  # False (RANKER_SCORER=inprocess): the ranker model is not loaded into Triton
-    swaps_refused: str | None = None  # why load() is refused (NotConfigured), e.g. one of several worker processes
 
 
 class ReleaseSwitch:
@@ -305,6 +304,11 @@ class ReleaseSwitch:
     @property
     def serving(self) -> ReleaseStamp:
         return self._serving().stamp()
+
+    @property
+    def triton_names(self) -> tuple[str, ...]:
+        """The names the serving release's models have in Triton."""
+        return tuple(self._serving().names.values())
 
     @property
     def model_loading(self) -> Literal["push", "preloaded"] | None:
@@ -398,8 +402,6 @@ class ReleaseSwitch:
     async def load(self, path: Path) -> Swapped:
         """Swap to the release at `path` (see the module docstring). Busy while another load runs; loading the
         serving release again changes nothing. The swap runs on even if the caller goes away."""
-        if self._settings.swaps_refused is not None:
-            raise NotConfigured(self._settings.swaps_refused)
         if self._loading is not None:
             raise Busy(f"a release load is already running ({self._loading}); retry when it has finished")
         self._loading = str(path)

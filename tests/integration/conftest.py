@@ -52,6 +52,15 @@ def example_release(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def second_release(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Another export of the example catalog: another release id (RANKER_TEST_RELEASE_B reuses a prebuilt one)."""
+    prebuilt = os.environ.get("RANKER_TEST_RELEASE_B")
+    if prebuilt:
+        return Path(prebuilt)
+    return export_release(tmp_path_factory.mktemp("release-b") / "example-b")
+
+
+@pytest.fixture(scope="session")
 def triton(example_release: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalTritonServer]:
     # Fixed ports, so a test can stop and restart it under the ranker's feet.
     server = LocalTritonServer(

@@ -4,7 +4,6 @@ mode swaps releases A -> B -> A under concurrent Rank load, with no failed RPC, 
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -19,22 +18,13 @@ from tritonclient.grpc import InferenceServerClient
 from ranker.swap import triton_name
 from ranker.tritonserver import LocalTritonServer
 from ranker.v1 import ranker_pb2, ranker_pb2_grpc
-from tests.integration.conftest import RankerProcess, export_release
+from tests.integration.conftest import RankerProcess
 
 pytestmark = [pytest.mark.triton, pytest.mark.slow]
 
 MODELS = ("text_encoder", "ranker")
 QUERIES = ["drill", "paint", "hose", "saw", "ladder", "light bulb", "faucet", "screws"]
 CLIENTS = 8
-
-
-@pytest.fixture(scope="module")
-def second_release(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Another export of the example catalog: another release id (RANKER_TEST_RELEASE_B reuses a prebuilt one)."""
-    prebuilt = os.environ.get("RANKER_TEST_RELEASE_B")
-    if prebuilt:
-        return Path(prebuilt)
-    return export_release(tmp_path_factory.mktemp("release-b") / "example-b")
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,10 @@ redis-server: the workers share the port, the Triton and the catalog, and stop a
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,12 +15,15 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
+from tritonclient.grpc import InferenceServerClient
 
+from ranker.swap import triton_name
 from ranker.v1 import ranker_pb2, ranker_pb2_grpc
 from tests.integration.conftest import ROOT, free_port
 
@@ -28,6 +33,8 @@ SPADE = ranker_pb2.CatalogItem(
     item_id="live-spade", title="Brombeck forged border spade with ash handle", category="Garden", price=39.0
 )
 SPADE_QUERY = "brombeck forged border spade"
+MODELS = ("text_encoder", "ranker")
+DATABASES = iter(range(5, 16))  # redis databases 5..15: one per worker set (0..4 belong to other tests)
 RANK_OK = 'ranker_rpcs_total{code="OK",method="/ranker.v1.Ranker/Rank"}'
 
 
@@ -45,6 +52,11 @@ class WorkerSet:
         triton = re.search(r"embedded tritonserver ready at \S+ \(pid (\d+)\)", text)
         assert triton is not None, text[-4000:]
         return {**pids, "triton": int(triton[1])}
+
+    def triton_url(self) -> str:
+        found = re.search(r"embedded tritonserver ready at (\S+) ", self.log.read_text(errors="replace"))
+        assert found is not None
+        return found[1]
 
     def rank_calls(self, worker: int) -> float:
         """Rank calls answered OK by one worker, from its own /metrics."""
@@ -68,11 +80,13 @@ def free_port_pair() -> int:
 
 
 def worker_env(redis_url: str, tmp_path: Path, metrics: int) -> dict[str, str]:
+    """Two workers on Redis databases of this test's own (each test starts with an empty catalog log)."""
+    database = next(DATABASES)
     env = {
         **os.environ,
         "RANKER_WORKERS": "2",
-        "RANKER_PROFILE_STORE": redis_url.replace("/0", "/5"),
-        "RANKER_CATALOG_STORE": redis_url.replace("/0", "/6"),
+        "RANKER_PROFILE_STORE": redis_url.replace("/0", f"/{database}"),
+        "RANKER_CATALOG_STORE": redis_url.replace("/0", f"/{database}"),
         "RANKER_METRICS_PORT": str(metrics),
         "RANKER_STATE_DIR": str(tmp_path / "state"),
         "RANKER_TRITON_TIMEOUT_S": "5",
@@ -150,13 +164,6 @@ def test_workers_share_the_port_the_triton_and_the_catalog_and_stop_together(
                 return all(t.items and t.items[0].item_id == SPADE.item_id for t in tops)
 
             eventually(everywhere, "a worker does not serve the other's upsert")
-
-            # a release load would swap one worker only
-            admin = ranker_pb2_grpc.RankerAdminStub(channels[0])
-            with pytest.raises(grpc.RpcError) as caught:
-                admin.LoadRelease(ranker_pb2.LoadReleaseRequest(path=str(example_release)), timeout=30)
-            assert caught.value.code() is grpc.StatusCode.FAILED_PRECONDITION
-            assert "RANKER_WORKERS" in (caught.value.details() or "")
         finally:
             for channel in channels:
                 channel.close()
@@ -166,6 +173,80 @@ def test_workers_share_the_port_the_triton_and_the_catalog_and_stop_together(
         assert all(gone(pid) for pid in pids.values()), pids  # both workers and the tritonserver
         log = workers.log.read_text()
         assert log.count("stopped: in-flight RPCs finished") == 2, log[-4000:]
+
+
+def release_id(release: Path) -> str:
+    return str(json.loads((release / "manifest.json").read_text())["release_id"])
+
+
+def test_load_release_rolls_the_whole_set_and_a_release_that_cannot_start_changes_nothing(
+    example_release: Path, second_release: Path, redis_url: str, tmp_path: Path
+) -> None:
+    a, b = release_id(example_release), release_id(second_release)
+    broken = tmp_path / "broken"
+    shutil.copytree(example_release, broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    (broken / "manifest.json").write_text(json.dumps({**manifest, "release_id": "broken-release"}))
+    (broken / "items.parquet").write_bytes(b"not a parquet file")
+
+    with worker_set(example_release, redis_url, tmp_path) as workers:
+
+        def load(path: Path) -> ranker_pb2.LoadReleaseResponse:
+            with grpc.insecure_channel(workers.target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+                request = ranker_pb2.LoadReleaseRequest(path=str(path))
+                return ranker_pb2_grpc.RankerAdminStub(channel).LoadRelease(request, timeout=300)  # type: ignore[no-any-return]
+
+        def served_release() -> set[str]:
+            """The release that each of 12 new connections is served by."""
+            seen = set()
+            for _ in range(12):
+                with grpc.insecure_channel(workers.target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+                    reply = ranker_pb2_grpc.RankerStub(channel).Rank(ranker_pb2.RankRequest(query="drill"), timeout=30)
+                    assert not reply.degraded, reply.degraded_reason
+                    seen.add(reply.release.release_id)
+            return seen
+
+        old = workers.pids()
+        with grpc.insecure_channel(workers.target) as channel:  # a catalog change, to outlive the roll
+            upsert = ranker_pb2.UpsertItemsRequest(items=[SPADE])
+            assert ranker_pb2_grpc.RankerStub(channel).UpsertItems(upsert, timeout=60).inserted == 1
+
+        # two calls at once, most likely on different workers: one roll; each answers with it, or ABORTED
+        with ThreadPoolExecutor(2) as pool:
+            calls = [pool.submit(load, second_release) for _ in range(2)]
+            outcomes = [(c.exception() or c.result()) for c in calls]
+        swaps = [o for o in outcomes if isinstance(o, ranker_pb2.LoadReleaseResponse)]
+        refused = [o for o in outcomes if isinstance(o, grpc.RpcError)]
+        assert swaps and all(r.code() is grpc.StatusCode.ABORTED for r in refused), outcomes  # type: ignore[attr-defined]
+        assert all((s.previous.release_id, s.current.release_id) == (a, b) for s in swaps)
+        assert workers.log.read_text().count("rolling 2 workers") == 1
+        new = workers.pids()
+        assert {new["0"], new["1"]}.isdisjoint({old["0"], old["1"]}) and new["triton"] == old["triton"]
+        eventually(lambda: gone(old["0"]) and gone(old["1"]), "the old set did not stop", 60)
+        assert served_release() == {b}
+        with grpc.insecure_channel(workers.target) as channel:  # the new set replayed the shared catalog log
+            top = ranker_pb2_grpc.RankerStub(channel).Rank(ranker_pb2.RankRequest(query=SPADE_QUERY, top_k=1))
+            assert top.items[0].item_id == SPADE.item_id
+        triton = InferenceServerClient(workers.triton_url())
+        try:  # the replaced release's models are unloaded (RANKER_RELEASE_KEEP_PREVIOUS=0), the new one's ready
+            eventually(lambda: not any(triton.is_model_ready(triton_name(m, a)) for m in MODELS), "A still loaded")
+            assert all(triton.is_model_ready(triton_name(m, b)) for m in MODELS)
+        finally:
+            triton.close()
+
+        again = load(second_release)  # the serving release: nothing rolls
+        assert again.previous.release_id == again.current.release_id == b
+        assert workers.pids() == new
+
+        with pytest.raises(grpc.RpcError) as caught:
+            load(tmp_path / "nowhere")
+        assert caught.value.code() is grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.RpcError) as caught:
+            load(broken)
+        assert caught.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+        assert "did not start" in (caught.value.details() or "") and b in (caught.value.details() or "")
+        assert all(not gone(new[w]) for w in ("0", "1")) and served_release() == {b}
+        assert workers.process.poll() is None
 
 
 def test_a_killed_worker_is_started_again_and_a_crash_loop_stops_the_set(

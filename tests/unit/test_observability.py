@@ -131,6 +131,27 @@ def test_process_metrics_and_the_http_endpoint() -> None:
     assert "process_cpu_seconds_total" in body or "python_gc_objects_collected_total" in body
 
 
+def test_a_shared_metrics_port_takes_a_second_server_and_a_plain_one_does_not() -> None:
+    """Workers of RANKER_WORKERS share their metrics port with their replacement during a roll; a single ranker
+    keeps "address in use" for a port someone else has."""
+    old, new = Metrics(CollectorRegistry()), Metrics(CollectorRegistry())
+    old.set_release("r-old", {})
+    new.set_release("r-new", {})
+    port = _free_port()
+    first = serve_metrics(port, "127.0.0.1", old, share_port=True)
+    assert first is not None
+    with pytest.raises(OSError):
+        serve_metrics(port, "127.0.0.1", new)
+    second = serve_metrics(port, "127.0.0.1", new, share_port=True)
+    first.stop()
+    assert second is not None
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+            assert 'release_id="r-new"' in reply.read().decode()  # the replacement answers alone
+    finally:
+        second.stop()
+
+
 def _free_port() -> int:
     import socket
 

@@ -139,13 +139,7 @@ class World:
     """A switch over fakes: releases A and B on disk (models only), a fake Triton, a state folder."""
 
     def __init__(
-        self,
-        tmp_path: Path,
-        *,
-        models: str = "auto",
-        keep_previous: int = 0,
-        score_on_triton: bool = True,
-        swaps_refused: str | None = None,
+        self, tmp_path: Path, *, models: str = "auto", keep_previous: int = 0, score_on_triton: bool = True
     ) -> None:
         self.triton = FakeTriton()
         self.score_on_triton = score_on_triton
@@ -174,7 +168,6 @@ class World:
                 drain_s=5.0,
                 keep_previous=keep_previous,
                 score_on_triton=score_on_triton,
-                swaps_refused=swaps_refused,
             ),
         )
 
@@ -483,22 +476,6 @@ def test_loading_the_serving_release_again_changes_nothing(tmp_path: Path) -> No
         swapped = await world.switch.load(world.a)
         assert swapped.previous == swapped.current and swapped.current.release_id == "rel-A"
         assert world.triton.unloads == [] and set(world.triton.loaded) == world.names(world.a)
-
-    run(body)
-
-
-def test_a_worker_process_refuses_loads_and_keeps_serving(tmp_path: Path) -> None:
-    """One of several worker processes (RANKER_WORKERS) would swap alone: FAILED_PRECONDITION, nothing loaded."""
-    world = World(tmp_path, swaps_refused="one of 2 worker processes")
-
-    async def body() -> None:
-        await world.start()
-        loaded = dict(world.triton.loaded)
-        with pytest.raises(NotConfigured, match="one of 2 worker processes") as caught:
-            await world.switch.load(world.b)
-        assert status_code(caught.value) is grpc.StatusCode.FAILED_PRECONDITION
-        assert world.switch.current().release.manifest.release_id == "rel-A"
-        assert world.triton.loaded == loaded and world.triton.unloads == []
 
     run(body)
 
