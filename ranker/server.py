@@ -30,7 +30,7 @@ from ranker.release import MODEL_REPOSITORY, TOKENIZER, Release
 from ranker.service import RankerAdminServicer, RankerServicer, ReleaseLoader
 from ranker.swap import ReleaseLeases, ReleaseParts, ReleaseSwitch, SwitchSettings
 from ranker.triton import TritonEncoder, TritonModels, TritonScorer
-from ranker.tritonserver import LocalTritonServer
+from ranker.tritonserver import KeepRunning, LocalTritonServer
 from ranker.v1 import ranker_pb2, ranker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -178,10 +178,20 @@ async def triton_endpoint(settings: Settings, release: Release) -> AsyncIterator
         local = LocalTritonServer(None, model_control_mode="explicit", model_config_name=None)
     await asyncio.to_thread(local.start)
     log.info("embedded tritonserver ready at %s (pid %s)", local.grpc_url, local.pid)
+    keeper = KeepRunning(local)
+    watch = asyncio.create_task(_keep_running(keeper))
     try:
         yield local.grpc_url
     finally:
-        await asyncio.to_thread(local.stop)
+        watch.cancel()
+        await asyncio.to_thread(keeper.close)  # after a start in progress, if any
+
+
+async def _keep_running(keeper: KeepRunning, every_s: float = 1.0) -> None:
+    """Start the embedded tritonserver again when it has exited (ranker.tritonserver.KeepRunning)."""
+    while True:
+        await asyncio.sleep(every_s)
+        await asyncio.to_thread(keeper.check)
 
 
 def config_variant(settings: Settings) -> str | None:

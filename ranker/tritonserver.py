@@ -6,6 +6,7 @@ import contextlib
 import importlib.metadata
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import signal
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -22,6 +24,8 @@ from pathlib import Path
 from types import TracebackType
 
 from ranker.errors import BackendUnavailable
+
+log = logging.getLogger(__name__)
 
 PYTRITON_DIST = "nvidia-pytriton"
 CONTROL_MODES = ("none", "explicit")
@@ -204,6 +208,11 @@ class LocalTritonServer:
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
+    @property
+    def returncode(self) -> int | None:
+        """The exit status of the last process started, None while it runs (or before any start)."""
+        return self._process.poll() if self._process is not None else None
+
     def command(self, backend_dir: Path) -> list[str]:
         binary = pytriton_dir() / "tritonserver" / "bin" / "tritonserver"
         args = [
@@ -310,3 +319,55 @@ class LocalTritonServer:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+class KeepRunning:
+    """Starts an embedded LocalTritonServer again whenever it has exited (a crash, the OOM killer), on the same
+    ports, so that the rankers using it recover by themselves: each reloads its release's models into the new
+    server within seconds (ranker.swap.ReleaseSwitch.keep_loaded) and answers degraded until then.
+
+    check() is cheap while the server runs and blocks for a start (seconds) when it does not; a start that
+    fails is retried after a wait that doubles from `min_wait_s` to `max_wait_s`. close() stops the server, after
+    a start in progress if there is one, and no check starts it again."""
+
+    def __init__(self, server: LocalTritonServer, *, min_wait_s: float = 1.0, max_wait_s: float = 30.0) -> None:
+        self.server = server
+        self.restarts = 0
+        self._min_wait_s = min_wait_s
+        self._max_wait_s = max_wait_s
+        self._wait_s = min_wait_s
+        self._next_try = 0.0
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def check(self) -> bool:
+        """Whether the server runs, after starting it again if it had exited and its wait is over."""
+        with self._lock:
+            if self._closed:
+                return False
+            if self.server.running:
+                self._wait_s = self._min_wait_s
+                return True
+            if time.monotonic() < self._next_try:
+                return False
+            log.error(
+                "the embedded tritonserver (pid %s) exited with %s: starting it again",
+                self.server.pid,
+                self.server.returncode,
+            )
+            try:
+                self.server.start()
+            except TritonServerError as e:
+                log.error("the embedded tritonserver did not start again (next try in %.0f s): %s", self._wait_s, e)
+                self._next_try = time.monotonic() + self._wait_s
+                self._wait_s = min(2 * self._wait_s, self._max_wait_s)
+                return False
+            self.restarts += 1
+            self._wait_s = self._min_wait_s
+            log.info("embedded tritonserver running again at %s (pid %s)", self.server.grpc_url, self.server.pid)
+            return True
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self.server.stop()

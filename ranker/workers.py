@@ -8,7 +8,8 @@ over several channels (or clients).
 
 This module is the supervisor, the process `ranker serve` becomes when workers > 1:
 
-1. it starts the embedded tritonserver when RANKER_TRITON_URL is 'embedded' (every worker then shares it);
+1. it starts the embedded tritonserver when RANKER_TRITON_URL is 'embedded' (every worker then shares it), and
+   starts it again when it exits (ranker.tritonserver.KeepRunning);
 2. it starts the workers one after another, each `python -m ranker serve` with the same settings plus its
    index, the Triton URL, its own metrics port (metrics_port + index) and one end of a socket pair to the
    supervisor. Each loads the release, pushes its models into Triton (the second push of the same models is
@@ -52,7 +53,7 @@ from typing import TYPE_CHECKING, Any
 
 from ranker.config import ENV_PREFIX, Settings
 from ranker.errors import BackendError, Busy, NotConfigured
-from ranker.tritonserver import LocalTritonServer
+from ranker.tritonserver import KeepRunning, LocalTritonServer
 
 if TYPE_CHECKING:  # the worker's side; the supervisor stays free of the pipeline's imports
     from ranker.swap import ReleaseStamp, ReleaseSwitch, Swapped
@@ -210,6 +211,7 @@ class Supervisor:
         self.workers: list[Worker] = []  # serving, by index
         self.starting: list[Worker] = []  # started and not serving yet, or the new set of a roll
         self.previous: list[list[str]] = []  # Triton models of replaced releases still loaded, oldest first
+        self.triton: KeepRunning | None = None  # the embedded tritonserver
         self.stopping = False
         self.signals = 0
 
@@ -273,10 +275,11 @@ class Supervisor:
         local = LocalTritonServer(None, model_control_mode="explicit", model_config_name=None)
         local.start()
         log.info("embedded tritonserver ready at %s (pid %s), shared by the workers", local.grpc_url, local.pid)
+        self.triton = KeepRunning(local)
         try:
             yield local.grpc_url
         finally:
-            local.stop()
+            self.triton.close()
 
     def _start_set(self, triton_url: str, release: Path) -> list[Worker] | None:
         """Workers 0..N-1 on `release`, each started once the previous one serves; None when one exits before it
@@ -323,6 +326,8 @@ class Supervisor:
         a crash loop (see the module docstring) is 1."""
         exits: list[float] = []
         while not self.stopping:
+            if self.triton is not None:
+                self.triton.check()  # the embedded one: started again when it has exited
             for worker in list(self.workers):
                 if worker.process.poll() is None or self.stopping:
                     continue

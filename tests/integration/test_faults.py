@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import itertools
 import os
+import re
 import signal
 import time
 from collections import Counter
@@ -330,3 +331,33 @@ async def _check_events(ranker: RankerProcess, events: Events) -> None:
         profile and profile.events,
         len(events.acknowledged),
     )
+
+
+def test_the_embedded_tritonserver_is_started_again_when_it_dies(example_release: Path, tmp_path: Path) -> None:
+    """The default set-up (`ranker serve` with its own tritonserver): killed, it comes back on the same port, the
+    ranker loads its models into it again, and Rank is complete again without anyone restarting anything."""
+    with RankerProcess(example_release, None, tmp_path) as target, grpc.insecure_channel(target) as channel:
+        stub = ranker_pb2_grpc.RankerStub(channel)
+
+        def rank() -> ranker_pb2.RankResponse:
+            return stub.Rank(ranker_pb2.RankRequest(query="drill", top_k=TOP_K), timeout=DEADLINE_S)
+
+        assert not rank().degraded
+        first = re.search(r"embedded tritonserver ready at (\S+) \(pid (\d+)\)", _logs(tmp_path))
+        assert first is not None
+        os.kill(int(first[2]), signal.SIGKILL)
+        degraded, deadline = 0, time.monotonic() + 60
+        while True:  # every call answers meanwhile: degraded, then complete again
+            response = rank()
+            assert len(response.items) == TOP_K
+            if not response.degraded and degraded:
+                break
+            degraded += response.degraded
+            assert time.monotonic() < deadline, f"not complete again after 60 s:\n{_logs(tmp_path)[-4000:]}"
+            time.sleep(0.1)
+        again = re.search(r"embedded tritonserver running again at (\S+) \(pid (\d+)\)", _logs(tmp_path))
+        assert again is not None and again[1] == first[1] and again[2] != first[2]
+
+
+def _logs(work_dir: Path) -> str:
+    return "".join(p.read_text(errors="replace") for p in sorted(work_dir.glob("ranker-*.log")))

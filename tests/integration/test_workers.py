@@ -49,9 +49,9 @@ class WorkerSet:
         """Worker index (or 'triton') -> pid, from the supervisor's log."""
         text = self.log.read_text(errors="replace")
         pids = {m[1]: int(m[2]) for m in re.finditer(r"worker (\d+) started \(pid (\d+)\)", text)}
-        triton = re.search(r"embedded tritonserver ready at \S+ \(pid (\d+)\)", text)
-        assert triton is not None, text[-4000:]
-        return {**pids, "triton": int(triton[1])}
+        triton = re.findall(r"embedded tritonserver (?:ready|running again) at \S+ \(pid (\d+)\)", text)
+        assert triton, text[-4000:]
+        return {**pids, "triton": int(triton[-1])}
 
     def triton_url(self) -> str:
         found = re.search(r"embedded tritonserver ready at (\S+) ", self.log.read_text(errors="replace"))
@@ -164,6 +164,17 @@ def test_workers_share_the_port_the_triton_and_the_catalog_and_stop_together(
                 return all(t.items and t.items[0].item_id == SPADE.item_id for t in tops)
 
             eventually(everywhere, "a worker does not serve the other's upsert")
+
+            # the shared tritonserver dies: the supervisor starts it again, both workers load their models again
+            os.kill(pids["triton"], signal.SIGKILL)
+
+            def complete_everywhere() -> bool:
+                replies = [s.Rank(ranker_pb2.RankRequest(query="cordless drill"), timeout=30) for s in stubs]
+                return not any(r.degraded for r in replies)
+
+            eventually(lambda: "embedded tritonserver running again" in workers.log.read_text(), "no restart", 30)
+            eventually(complete_everywhere, "a worker is still degraded", 60)
+            pids["triton"] = workers.pids()["triton"]
         finally:
             for channel in channels:
                 channel.close()
