@@ -42,22 +42,24 @@ def export_release(out: Path, *extra: str) -> Path:
     return out
 
 
+def prebuilt_or_exported(variable: str, tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """The release the environment variable names, else the example catalog exported into a new folder."""
+    prebuilt = os.environ.get(variable)
+    if prebuilt:
+        return Path(prebuilt)
+    return export_release(tmp_path_factory.mktemp(f"release-{name}") / name)
+
+
 @pytest.fixture(scope="session")
 def example_release(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The example catalog exported once per session (RANKER_TEST_RELEASE reuses a prebuilt one)."""
-    prebuilt = os.environ.get("RANKER_TEST_RELEASE")
-    if prebuilt:
-        return Path(prebuilt)
-    return export_release(tmp_path_factory.mktemp("release") / "example")
+    return prebuilt_or_exported("RANKER_TEST_RELEASE", tmp_path_factory, "example")
 
 
 @pytest.fixture(scope="session")
 def second_release(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Another export of the example catalog: another release id (RANKER_TEST_RELEASE_B reuses a prebuilt one)."""
-    prebuilt = os.environ.get("RANKER_TEST_RELEASE_B")
-    if prebuilt:
-        return Path(prebuilt)
-    return export_release(tmp_path_factory.mktemp("release-b") / "example-b")
+    return prebuilt_or_exported("RANKER_TEST_RELEASE_B", tmp_path_factory, "example-b")
 
 
 @pytest.fixture(scope="session")
@@ -79,6 +81,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM, and SIGKILL when it has not exited after `timeout` seconds."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def wait_serving(
@@ -167,14 +181,8 @@ class RankerProcess:
 
     def stop(self) -> None:
         process, self._process = self._process, None
-        if process is None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        if process is not None:
+            stop_process(process, 30)
 
     def __enter__(self) -> str:
         return self.start().target

@@ -25,7 +25,7 @@ from tritonclient.grpc import InferenceServerClient
 
 from ranker.swap import triton_name
 from ranker.v1 import ranker_pb2, ranker_pb2_grpc
-from tests.integration.conftest import ROOT, free_port
+from tests.integration.conftest import ROOT, free_port, stop_process
 
 pytestmark = [pytest.mark.triton, pytest.mark.slow]
 
@@ -113,13 +113,7 @@ def worker_set(release: Path, redis_url: str, tmp_path: Path) -> Iterator[Worker
             time.sleep(0.3)
         yield WorkerSet(process, f"127.0.0.1:{port}", (metrics, metrics + 1), log)
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_process(process, 60)
 
 
 def gone(pid: int) -> bool:
