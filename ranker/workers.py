@@ -78,7 +78,6 @@ class SupervisorLink:
         self._socket = socket.socket(fileno=fd)
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
-        self._lock = asyncio.Lock()
 
     async def serving(self, switch: ReleaseSwitch) -> None:
         self._reader, self._writer = await asyncio.open_unix_connection(sock=self._socket)
@@ -89,10 +88,10 @@ class SupervisorLink:
         )
 
     async def request(self, message: Mapping[str, Any]) -> dict[str, Any]:
-        async with self._lock:
-            await self._send(message)
-            assert self._reader is not None, "serving() first"
-            line = await self._reader.readline()
+        """Send `message` and wait for the answer (one request at a time: WorkerReleases sees to it)."""
+        await self._send(message)
+        assert self._reader is not None, "serving() first"
+        line = await self._reader.readline()
         if not line:
             raise NotConfigured("the worker supervisor is gone: this worker is stopping")
         reply: dict[str, Any] = json.loads(line)
@@ -113,13 +112,19 @@ class WorkerReleases:
         self._loading: Path | None = None
 
     async def load(self, path: Path) -> Swapped:
+        """As ReleaseSwitch.load: one at a time (Busy), and it runs on when its caller goes away, so that the
+        supervisor's answer is read by the call that asked for it."""
         if self._loading is not None:
             raise Busy(f"a release load is already running ({self._loading}); retry when it has finished")
         self._loading = path
-        try:
-            return await self._load(path)
-        finally:
-            self._loading = None
+        task = asyncio.create_task(self._load(path))
+        task.add_done_callback(self._load_done)
+        return await asyncio.shield(task)
+
+    def _load_done(self, task: asyncio.Task[Swapped]) -> None:
+        self._loading = None
+        if not task.cancelled():
+            task.exception()  # retrieved here too: the caller may have gone away
 
     async def _load(self, path: Path) -> Swapped:
         from ranker.release import read_manifest

@@ -183,3 +183,25 @@ def test_the_supervisor_reads_whole_lines_however_the_socket_cuts_them() -> None
         assert worker.messages() == [] and worker.closed
     finally:
         ours.close()
+
+
+def test_a_roll_whose_caller_goes_away_runs_on_and_keeps_the_next_call_busy_until_it_ends(tmp_path: Path) -> None:
+    gate = asyncio.Event()
+    link = FakeLink(SWAPPED, gate)
+    loader = releases(FakeSwitch("rel-A"), link)
+    target = release_dir(tmp_path, "rel-B")
+
+    async def body() -> None:
+        caller = asyncio.create_task(loader.load(target))
+        await asyncio.sleep(0.01)
+        caller.cancel()  # the RPC's deadline, say
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        with pytest.raises(Busy):  # the supervisor is still rolling for it
+            await loader.load(target)
+        gate.set()
+        await asyncio.sleep(0.01)
+        assert (await loader.load(target)).current.release_id == "rel-B"
+
+    asyncio.run(body())
+    assert len(link.sent) == 2  # the cancelled call still waited for its answer; the next one asked anew
