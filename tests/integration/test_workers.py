@@ -34,7 +34,7 @@ SPADE = ranker_pb2.CatalogItem(
 )
 SPADE_QUERY = "brombeck forged border spade"
 MODELS = ("text_encoder", "ranker")
-DATABASES = iter(range(5, 16))  # redis databases 5..15: one per worker set (0..4 belong to other tests)
+DATABASES = iter(range(10, 16))  # redis databases 10..15, one per worker set: 0, 3, 5 and 6 belong to other tests
 RANK_OK = 'ranker_rpcs_total{code="OK",method="/ranker.v1.Ranker/Rank"}'
 
 
