@@ -144,10 +144,18 @@ async def start_health_server(
     return server, port
 
 
+# How long an aged connection (max_connection_age_s) stays open for the calls already running on it: as long as
+# a release load may take (the `admin load-release` deadline). Rank calls end in milliseconds, so a connection
+# without a load on it closes as soon as its calls have; a shorter grace cut a LoadRelease running on a
+# connection that aged under it (UNAVAILABLE "max connection age", while the swap itself went on).
+AGED_CONNECTION_GRACE_S = 900.0
+
+
 def server_options(settings: Settings) -> list[tuple[str, int]]:
     """gRPC core options: message and stream limits, and connection aging when `max_connection_age_s` is set.
-    An aged connection gets GOAWAY and then `grace_s` for the calls on it; the client reconnects on its own and
-    retries transparently whatever the GOAWAY refused."""
+    An aged connection gets GOAWAY, takes no new calls and closes once the calls on it have ended (within
+    AGED_CONNECTION_GRACE_S); the client reconnects on its own and retries transparently whatever the GOAWAY
+    refused."""
     options = [
         ("grpc.max_receive_message_length", settings.max_receive_bytes),
         ("grpc.max_concurrent_streams", settings.max_concurrent_rpcs),
@@ -155,7 +163,7 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
     if settings.max_connection_age_s is not None:
         options += [
             ("grpc.max_connection_age_ms", max(1, round(settings.max_connection_age_s * 1000))),
-            ("grpc.max_connection_age_grace_ms", round(settings.grace_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", round(max(settings.grace_s, AGED_CONNECTION_GRACE_S) * 1000)),
         ]
     return options
 

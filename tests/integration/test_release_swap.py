@@ -187,8 +187,9 @@ def test_load_release_errors_leave_the_release_serving(
 def test_the_embedded_tritonserver_serves_pushed_models_and_swaps(
     example_release: Path, second_release: Path, tmp_path: Path
 ) -> None:
-    """The default: `python -m ranker serve --release R` with no Triton URL."""
-    process = ranker(example_release, tmp_path, None)
+    """The default: `python -m ranker serve --release R` with no Triton URL. Connections age after 1 s (grace 1 s):
+    the load, longer than both, still answers on the connection it came on."""
+    process = ranker(example_release, tmp_path, None, RANKER_MAX_CONNECTION_AGE_S="1", RANKER_GRACE_S="1")
     with (
         process as target,
         grpc.insecure_channel(target) as channel,
@@ -196,8 +197,9 @@ def test_the_embedded_tritonserver_serves_pushed_models_and_swaps(
         stub = ranker_pb2_grpc.RankerStub(channel)
         reply = stub.Rank(ranker_pb2.RankRequest(query="drill", top_k=5), timeout=30)
         assert not reply.degraded and reply.release.release_id == release_id(example_release)
-        swapped = load_release(target, second_release)[0]
+        swapped, started, done = load_release(target, second_release)
         assert swapped.current.release_id == release_id(second_release)
+        assert done - started > 2.5, "the load must outlast the connection's age and grace to test anything"
         reply = stub.Rank(ranker_pb2.RankRequest(query="drill", top_k=5), timeout=30)
         assert not reply.degraded and reply.release.release_id == release_id(second_release)
     assert "models push" in process.logs()
