@@ -192,6 +192,11 @@ class Worker:
     buffer: bytes = b""
     closed: bool = False  # its end of the socket is closed (it has exited or is exiting)
 
+    @property
+    def stamp(self) -> dict[str, Any]:
+        """The release it serves, as a LoadRelease answer names it (release_id, model_versions)."""
+        return {k: self.serving[k] for k in ("release_id", "model_versions")}
+
     def messages(self) -> list[dict[str, Any]]:
         """The complete messages it has sent since the last call (the socket is readable)."""
         data = self.link.recv(65536)
@@ -372,7 +377,7 @@ class Supervisor:
         or the roll has failed."""
         started = time.monotonic()
         old = self.workers
-        previous = {k: old[0].serving[k] for k in ("release_id", "model_versions")}
+        previous = old[0].stamp
         log.info("rolling %d workers from release %s to %s", len(old), previous["release_id"], release)
         new = self._start_set(triton_url, release)
         if new is None:
@@ -382,7 +387,7 @@ class Supervisor:
             asker.reply({"error": {"code": "FAILED_PRECONDITION", "message": f"release {release} did not start: {why}; "
                                    f"release {previous['release_id']} serves on"}})  # fmt: skip
             return
-        current = {k: new[0].serving[k] for k in ("release_id", "model_versions")}
+        current = new[0].stamp
         start_ms = (time.monotonic() - started) * 1000.0
         self.workers, self.release = new, release
         swapped = {"swapped": {"previous": previous, "current": current, "steps_ms": {"start": start_ms}}}
