@@ -83,6 +83,12 @@ class Settings(BaseSettings):
         "tokenizer and policy; a fraction of a second), all (the index and vectors too: seconds at 1M items), "
         "none (only that every file is there)",
     )
+    release_mapped: bool = Field(
+        default=True,
+        description="map the release's FAISS index and title index into memory instead of copying them, so that "
+        "processes serving the same release (RANKER_WORKERS, and both sets during a roll) share one copy. Turn it off "
+        "for a release on a network filesystem, where a page read could wait on the network",
+    )
     release_drain_s: float = Field(
         default=30.0, ge=0, description="a release swap waits this long for the old release's in-flight RPCs"
     )

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ranker.mapped import populate
+
 FEATURE_NAMES: tuple[str, ...] = (
     "dense_cosine",
     "dense_gap_to_best",
@@ -117,13 +119,23 @@ class TitleIndex:
         (directory / "meta.json").write_text(json.dumps({"format": TITLE_INDEX_FORMAT, "items": len(self)}))
 
     @classmethod
-    def load(cls, directory: Path) -> TitleIndex | None:
-        """The index save() wrote, or None when there is none or it is of another format (build it then)."""
+    def load(cls, directory: Path, *, mapped: bool = True) -> TitleIndex | None:
+        """The index save() wrote, or None when there is none or it is of another format (build it then).
+        `mapped`: the arrays are the files mapped read-only (ranker.mapped), not copies."""
         meta_file = directory / "meta.json"
         if not meta_file.is_file() or json.loads(meta_file.read_text()).get("format") != TITLE_INDEX_FORMAT:
             return None
         units = json.loads((directory / "vocabulary.json").read_text(encoding="utf-8"))
-        arrays = {name: np.load(directory / f"{name}.npy") for name in _ARRAYS}
+        arrays = {}
+        for name in _ARRAYS:
+            path = directory / f"{name}.npy"
+            if mapped:
+                # A plain ndarray over the memmap (which it keeps alive): numpy's memmap subclass would wrap
+                # the result of every operation on it.
+                arrays[name] = np.asarray(np.load(path, mmap_mode="r"))
+                populate(path)
+            else:
+                arrays[name] = np.load(path)
         return cls({unit: i for i, unit in enumerate(units)}, **arrays)
 
     @classmethod

@@ -328,12 +328,14 @@ class Release:
         dense_backend: str = "faiss",
         vector_engine_url: str | None = None,
         verify: VerifyLevel = "models",
+        mapped: bool = True,
     ) -> Release:
         """Load a release; the policy is `policy_override`, else the release's policy.toml, else the default.
 
         The dense retriever is the release's FAISS index, or with `dense_backend="qdrant"` the release's
         collection at `vector_engine_url` (see ranker.vector_engine). Every file the manifest lists must be
-        there, and those `verify` names must have the manifest's sha256 (see VerifyLevel).
+        there, and those `verify` names must have the manifest's sha256 (see VerifyLevel). `mapped`: the FAISS
+        index and the title index are mapped read-only rather than copied (ranker.mapped).
         """
         path = Path(path).resolve()
         manifest = read_manifest(path)
@@ -345,8 +347,8 @@ class Release:
             )
         analyzer = Analyzer()
         items = pl.read_parquet(path / ITEMS)
-        catalog = Catalog.from_frame(items, analyzer, text=TitleIndex.load(path / TITLE_INDEX))
-        dense = load_dense(path, manifest, dense_backend, vector_engine_url, ef_search=ef_search)
+        catalog = Catalog.from_frame(items, analyzer, text=TitleIndex.load(path / TITLE_INDEX, mapped=mapped))
+        dense = load_dense(path, manifest, dense_backend, vector_engine_url, ef_search=ef_search, mapped=mapped)
         try:
             lexical = LexicalIndex.load(path / LEXICAL_DIR)
             if not (len(catalog) == dense.num_items == lexical.num_items == manifest.items):
@@ -378,11 +380,17 @@ class Release:
 
 
 def load_dense(
-    path: Path, manifest: Manifest, backend: str, vector_engine_url: str | None, *, ef_search: int = EF_SEARCH
+    path: Path,
+    manifest: Manifest,
+    backend: str,
+    vector_engine_url: str | None,
+    *,
+    ef_search: int = EF_SEARCH,
+    mapped: bool = True,
 ) -> DenseRetriever:
     """The release's dense retriever: its FAISS index ("faiss"), or its collection in a Qdrant engine ("qdrant")."""
     if backend == "faiss":
-        return DenseIndex.load(path / DENSE_INDEX, path / EMBEDDINGS, ef_search=ef_search)
+        return DenseIndex.load(path / DENSE_INDEX, path / EMBEDDINGS, ef_search=ef_search, mapped=mapped)
     if backend == "qdrant":
         if not vector_engine_url:
             raise ValueError("dense_backend 'qdrant' needs vector_engine_url (RANKER_VECTOR_ENGINE_URL)")

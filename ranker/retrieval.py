@@ -19,6 +19,8 @@ import numpy as np
 import Stemmer
 from bm25s.stopwords import STOPWORDS_EN
 
+from ranker.mapped import populate
+
 _WORD = re.compile(r"(?u)\b\w\w+\b")
 _STOPWORDS = frozenset(STOPWORDS_EN)
 
@@ -213,10 +215,19 @@ class DenseIndex:
         np.save(embeddings_path, self.embeddings)
 
     @classmethod
-    def load(cls, index_path: Path, embeddings_path: Path, *, ef_search: int = EF_SEARCH) -> DenseIndex:
+    def load(
+        cls, index_path: Path, embeddings_path: Path, *, ef_search: int = EF_SEARCH, mapped: bool = True
+    ) -> DenseIndex:
         """The saved index; rows are read from the index's own vectors when it keeps them (flat storage),
-        so they are in memory once and a candidate gather is a plain array read, not a memmap's."""
-        index = faiss.read_index(str(index_path))
+        so they are in memory once and a candidate gather is a plain array read, not a memmap's.
+
+        `mapped`: the index file is mapped, not copied (its vectors and HNSW graph are used in place, see
+        ranker.mapped), so that processes serving the same release share it."""
+        if mapped:
+            index = faiss.read_index(str(index_path), faiss.IO_FLAG_MMAP_IFC)
+            populate(index_path)
+        else:
+            index = faiss.read_index(str(index_path))
         embeddings = stored_vectors(index)
         if embeddings is None:
             embeddings = np.load(embeddings_path, mmap_mode="r")

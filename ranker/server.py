@@ -411,6 +411,7 @@ def load_release(settings: Settings, path: Path) -> Release:
         dense_backend=settings.dense_backend,
         vector_engine_url=settings.vector_engine_url,
         verify=settings.release_verify,
+        mapped=settings.release_mapped,
     )
 
 

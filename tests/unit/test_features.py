@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ranker.features import FEATURE_NAMES, NO_NUMBER, NUM_FEATURES, TitleIndex, assemble
+from ranker.mapped import mappings
 
 
 def assemble_texts(
@@ -166,13 +167,16 @@ def test_appending_leaves_the_earlier_index_as_it_was() -> None:
     assert found[:, 0].tolist() == [0, 1]
 
 
-def test_a_saved_index_loads_equal(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mapped", [True, False])
+def test_a_saved_index_loads_equal(tmp_path: Path, mapped: bool) -> None:
     titles = ["DEWALT 20V Drill", "Behr 1 gal. Paint", ""]
     tokens = [["dewalt", "20v", "drill"], ["behr", "1", "gal", "paint"], []]
     built = TitleIndex.build(titles, tokens)
     built.save(tmp_path / "text")
-    loaded = TitleIndex.load(tmp_path / "text")
+    loaded = TitleIndex.load(tmp_path / "text", mapped=mapped)
     assert loaded is not None and loaded.vocabulary == built.vocabulary
+    assert bool(mappings(tmp_path / "text" / "codes.npy")) is mapped
+    assert type(loaded.codes) is np.ndarray and not (mapped and loaded.codes.flags.writeable)
     rows = np.array([2, 0, 1])
     for query, terms in (("dewalt drill 20v", ["dewalt", "drill", "20v"]), ("1 gal paint", ["1", "gal", "paint"])):
         a, b = built.matches(rows, query, terms), loaded.matches(rows, query, terms)

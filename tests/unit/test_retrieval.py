@@ -9,6 +9,7 @@ import pytest
 
 from ranker import retrieval
 from ranker.config import Settings
+from ranker.mapped import mappings
 from ranker.retrieval import (
     EF_SEARCH,
     Analyzer,
@@ -107,28 +108,36 @@ def test_the_service_default_search_breadth_is_the_library_default() -> None:
     assert Settings().ef_search == EF_SEARCH
 
 
+@pytest.mark.parametrize("mapped", [True, False])
 @pytest.mark.parametrize("items", [50, 30_000])  # exact (IndexFlatIP) and HNSW
-def test_a_loaded_index_reads_rows_from_its_own_vectors(tmp_path: Path, items: int) -> None:
+def test_a_loaded_index_reads_rows_from_its_own_vectors(tmp_path: Path, items: int, mapped: bool) -> None:
     rng = np.random.default_rng(3)
     vectors = rng.normal(size=(items, 8)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    DenseIndex.build(vectors).save(tmp_path / "index.faiss", tmp_path / "embeddings.npy")
-    loaded = DenseIndex.load(tmp_path / "index.faiss", tmp_path / "embeddings.npy")
+    built = DenseIndex.build(vectors)
+    built.save(tmp_path / "index.faiss", tmp_path / "embeddings.npy")
+    loaded = DenseIndex.load(tmp_path / "index.faiss", tmp_path / "embeddings.npy", mapped=mapped)
+    # Mapped, the rows are the file's pages (shared by every process that maps it), not a copy.
+    assert bool(mappings(tmp_path / "index.faiss")) is mapped
     assert stored_vectors(loaded._index) is not None
+    for row in (0, 7, items - 1):
+        np.testing.assert_array_equal(loaded.search(vectors[row], 5), built.search(vectors[row], 5))
     np.testing.assert_array_equal(loaded.embeddings, vectors)
     assert not loaded.embeddings.flags.writeable
     rows = np.array([3, 1, 40])
     np.testing.assert_allclose(loaded.similarities(vectors[1], rows), vectors[rows] @ vectors[1], rtol=1e-6)
 
 
-def test_stored_vectors_outlive_their_index(tmp_path: Path) -> None:
-    """The rows are the index's memory: they stay valid after every other reference to the index is gone."""
+@pytest.mark.parametrize("mapped", [True, False])
+def test_stored_vectors_outlive_their_index(tmp_path: Path, mapped: bool) -> None:
+    """The rows are the index's memory (or its file's mapping): they stay valid after every other reference
+    to the index is gone."""
     import gc
 
     rng = np.random.default_rng(5)
     vectors = rng.normal(size=(30_000, 16)).astype(np.float32)
     DenseIndex.build(vectors).save(tmp_path / "index.faiss", tmp_path / "embeddings.npy")
-    rows = DenseIndex.load(tmp_path / "index.faiss", tmp_path / "embeddings.npy").embeddings
+    rows = DenseIndex.load(tmp_path / "index.faiss", tmp_path / "embeddings.npy", mapped=mapped).embeddings
     gc.collect()
     _churn = [np.ones(30_000 * 16, dtype=np.float32) for _ in range(4)]  # would reuse freed memory
     np.testing.assert_array_equal(rows, vectors)
