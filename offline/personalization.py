@@ -184,7 +184,7 @@ def build_release(ds: Dataset, embeddings: np.ndarray, neighbours: ItemNeighbour
             "index": {"items": len(ds.item_ids)},
         }
     )
-    retriever = HybridRetriever(DenseIndex.build(embeddings), LexicalIndex.build(catalog.tokens))
+    retriever = HybridRetriever(DenseIndex.build(embeddings), LexicalIndex.build(analyzer.analyze_many(catalog.titles)))
     return Release(
         path=source, manifest=manifest, catalog=catalog, retriever=retriever, analyzer=analyzer, neighbours=neighbours
     )

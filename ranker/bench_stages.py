@@ -62,7 +62,7 @@ def sample(args: argparse.Namespace) -> tuple[np.ndarray, list[list[str]], list[
     catalog = release.catalog
     return (
         emb,
-        [catalog.tokens[r] for r in rows],
+        release.analyzer.analyze_many([catalog.titles[r] for r in rows]),
         [catalog.categories[r] for r in rows],
         [catalog.brands[r] for r in rows],
     )

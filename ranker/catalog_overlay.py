@@ -70,13 +70,14 @@ class BM25Statistics:
     average_length: float
 
     @classmethod
-    def of(cls, lexical: LexicalIndex, base_tokens: Sequence[Sequence[str]]) -> BM25Statistics:
+    def of(cls, lexical: LexicalIndex, title_terms: np.ndarray) -> BM25Statistics:
+        """`title_terms`: the number of analysed terms of each of the index's titles (TitleIndex.title_terms)."""
         parameters = lexical.parameters()
         if parameters.method not in _TFC or parameters.idf_method not in _IDF:
             raise ValueError(f"BM25 variant {parameters.method}/{parameters.idf_method} cannot take online updates")
         # LexicalIndex.build indexes an empty title as one placeholder token.
-        lengths = [max(len(t), 1) for t in base_tokens]
-        return cls(parameters=parameters, documents=len(lengths), average_length=float(np.mean(lengths)))
+        lengths = np.maximum(np.asarray(title_terms, dtype=np.float64), 1.0)
+        return cls(parameters=parameters, documents=len(lengths), average_length=float(lengths.mean()))
 
     def idf(self, df: int) -> float:
         return _IDF[self.parameters.idf_method](df, self.documents)
@@ -241,7 +242,7 @@ class CatalogSnapshot:
         lexical = base.retriever.lexical
         if not isinstance(lexical, LexicalIndex):
             raise TypeError(f"online catalog updates need a LexicalIndex, got {type(lexical).__name__}")
-        stats = BM25Statistics.of(lexical, base.catalog.tokens)
+        stats = BM25Statistics.of(lexical, base.catalog.text.title_terms)
         no_rows = np.zeros(0, dtype=np.float64)
         overlay = OverlayLexical(lexical, stats, {}, no_rows, np.zeros(len(base.catalog), dtype=bool))
         return cls(base=base, release=base, lexical=overlay, store=None, as_of=as_of or date.today())
@@ -364,7 +365,6 @@ def _with_rows(catalog: Catalog, items: Sequence[CatalogItem], tokens: list[list
         categories=[*catalog.categories, *(item.category for item in items)],
         brands=[*catalog.brands, *(item.brand for item in items)],
         prices=np.concatenate([catalog.prices, _floats(values["price"])]),
-        tokens=[*catalog.tokens, *tokens],
         text=catalog.text.appended([item.title for item in items], tokens),
         signals=signals,
         in_stock=in_stock,

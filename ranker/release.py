@@ -188,7 +188,6 @@ class Catalog:
     categories: list[str | None]
     brands: list[str | None]
     prices: np.ndarray  # float64, NaN where unknown
-    tokens: list[list[str]]  # analysed titles
     text: TitleIndex  # the titles' terms, bigrams, trigrams and numbers for the ranker's match features
     row_of: dict[str, int]  # id -> its newest row; ids deleted online stay (their row is dead)
     signals: dict[str, np.ndarray]  # catalog blend signals present in the catalog, NaN where unknown
@@ -212,7 +211,8 @@ class Catalog:
         items = conform(items)
         titles = items["title"].to_list()
         ids = items["item_id"].to_list()
-        tokens = analyzer.analyze_many(titles)
+        if text is None or len(text) != len(titles):
+            text = TitleIndex.build(titles, analyzer.analyze_many(titles))
         signals = {
             name: items[name].fill_null(np.nan).to_numpy().astype(np.float64)
             for name in NUMERIC_ATTRIBUTES
@@ -230,8 +230,7 @@ class Catalog:
             categories=items["category"].to_list(),
             brands=items["brand"].to_list(),
             prices=items["price"].fill_null(np.nan).to_numpy().astype(np.float64),
-            tokens=tokens,
-            text=text if text is not None and len(text) == len(titles) else TitleIndex.build(titles, tokens),
+            text=text,
             row_of={item_id: row for row, item_id in enumerate(ids)},
             signals=signals,
             in_stock=in_stock,

@@ -99,7 +99,7 @@ def test_release_loads_and_retrieves(released: Path) -> None:
     # The title index is the export's, read from the release, and matches like one built from the titles.
     saved = TitleIndex.load(released / layout.TITLE_INDEX)
     assert saved is not None and saved.vocabulary == loaded.catalog.text.vocabulary
-    built = TitleIndex.build(loaded.catalog.titles, loaded.catalog.tokens)
+    built = TitleIndex.build(loaded.catalog.titles, loaded.analyzer.analyze_many(loaded.catalog.titles))
     rows = np.arange(len(loaded.catalog))
     for text in ("cordless drill 20v", "1/2 in. x 10 ft. pipe", "paint"):
         terms = loaded.analyzer.analyze(text)

@@ -102,7 +102,7 @@ def tiny_release() -> Release:
     analyzer = Analyzer()
     catalog = Catalog.from_frame(frame, analyzer)
     embeddings = np.stack([embed(t) for t in catalog.titles])
-    retriever = HybridRetriever(DenseIndex.build(embeddings), LexicalIndex.build(catalog.tokens))
+    retriever = HybridRetriever(DenseIndex.build(embeddings), LexicalIndex.build(analyzer.analyze_many(catalog.titles)))
     manifest = Manifest.from_json(
         {
             "format": 1,
