@@ -85,7 +85,7 @@ class Settings(BaseSettings):
     )
     release_mapped: bool = Field(
         default=True,
-        description="map the release's FAISS index and title index into memory instead of copying them, so that "
+        description="map the release's FAISS, title and BM25 indexes into memory instead of copying them, so that "
         "processes serving the same release (RANKER_WORKERS, and both sets during a roll) share one copy. Turn it off "
         "for a release on a network filesystem, where a page read could wait on the network",
     )

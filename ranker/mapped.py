@@ -2,8 +2,8 @@
 
 A release is an immutable folder: `offline.export` renames a finished one into place and never writes
 into a served one. So its large read-only files (the FAISS index with its vectors and graph, the title
-index) can be mapped. Every process that serves the same release then shares one copy of them in the page
-cache (`RANKER_WORKERS`, and the old and new set during a worker roll).
+index, the BM25 index) can be mapped. Every process that serves the same release then shares one copy
+of them in the page cache (`RANKER_WORKERS`, and the old and new set during a worker roll).
 
 A mapped file is read on first touch, from the disk when it is not in the page cache. `populate` touches
 every page at load, so the first requests do not pay for it, and so the pages are mapped: Linux reclaims

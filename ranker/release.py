@@ -334,7 +334,7 @@ class Release:
         The dense retriever is the release's FAISS index, or with `dense_backend="qdrant"` the release's
         collection at `vector_engine_url` (see ranker.vector_engine). Every file the manifest lists must be
         there, and those `verify` names must have the manifest's sha256 (see VerifyLevel). `mapped`: the FAISS
-        index and the title index are mapped read-only rather than copied (ranker.mapped).
+        index, the title index and the BM25 index are mapped read-only rather than copied (ranker.mapped).
         """
         path = Path(path).resolve()
         manifest = read_manifest(path)
@@ -349,7 +349,7 @@ class Release:
         catalog = Catalog.from_frame(items, analyzer, text=TitleIndex.load(path / TITLE_INDEX, mapped=mapped))
         dense = load_dense(path, manifest, dense_backend, vector_engine_url, ef_search=ef_search, mapped=mapped)
         try:
-            lexical = LexicalIndex.load(path / LEXICAL_DIR)
+            lexical = LexicalIndex.load(path / LEXICAL_DIR, mapped=mapped)
             if not (len(catalog) == dense.num_items == lexical.num_items == manifest.items):
                 raise NotFound(
                     f"release {manifest.release_id} is inconsistent: items {len(catalog)}, "

@@ -67,9 +67,14 @@ class LexicalIndex:
         (directory / "lexical.json").write_text(json.dumps({"num_items": self.num_items}))
 
     @classmethod
-    def load(cls, directory: Path) -> LexicalIndex:
+    def load(cls, directory: Path, *, mapped: bool = True) -> LexicalIndex:
+        """The saved index; `mapped`: its score arrays are the files mapped read-only (ranker.mapped)."""
         meta = json.loads((directory / "lexical.json").read_text())
-        return cls(bm25s.BM25.load(str(directory)), int(meta["num_items"]))
+        bm25 = bm25s.BM25.load(str(directory), mmap=mapped, show_progress=False)
+        if mapped:
+            for array in sorted(directory.glob("*.npy")):
+                populate(array)
+        return cls(bm25, int(meta["num_items"]))
 
     def scores(self, query_tokens: Sequence[str]) -> np.ndarray:
         """BM25 score of every item (float32, one per row); zeros when no query term is indexed."""

@@ -28,14 +28,16 @@ def test_analyzer_stems_and_drops_stopwords() -> None:
     assert Analyzer().analyze("The Drills and a HOSE") == ["drill", "hose"]
 
 
-def test_bm25_scores_every_item_and_survives_save_load(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mapped", [True, False])
+def test_bm25_scores_every_item_and_survives_save_load(tmp_path: Path, mapped: bool) -> None:
     analyzer = Analyzer()
     index = LexicalIndex.build(analyzer.analyze_many(TITLES))
     scores = index.scores(analyzer.analyze("drills"))
     assert scores.shape == (len(TITLES),)
     assert scores[0] > 0 and scores[1] > 0 and scores[2] == 0
     index.save(tmp_path)
-    again = LexicalIndex.load(tmp_path)
+    again = LexicalIndex.load(tmp_path, mapped=mapped)
+    assert bool(mappings(next(tmp_path.glob("data*.npy")))) is mapped
     assert np.allclose(again.scores(["drill"]), index.scores(["drill"]))
     assert not index.scores(["unknownword"]).any()
 
