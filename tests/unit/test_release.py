@@ -8,8 +8,11 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from ranker.config import Settings
 from ranker.errors import NotFound
-from ranker.release import MANIFEST, Release, sha256_file
+from ranker.mapped import mappings
+from ranker.release import DENSE_INDEX, LEXICAL_DIR, MANIFEST, Release, sha256_file
+from ranker.server import load_release
 from tests.unit import fakes
 from tests.unit.test_vector_engine import random_unit, write_release
 
@@ -49,3 +52,12 @@ def test_a_release_changed_after_export_is_refused_as_far_as_verify_checks(tmp_p
     Release.load(directory)  # the default checks the models, not the catalog and indexes
     with pytest.raises(NotFound, match=r"the sha256 of items\.parquet differs"):
         Release.load(directory, verify="all")
+
+
+@pytest.mark.parametrize("mapped", [True, False])
+def test_the_service_setting_chooses_mapped_or_copied_index_files(tmp_path: Path, mapped: bool) -> None:
+    directory = write_release(tmp_path / "release", random_unit(len(fakes.ITEMS), 16))
+    release = load_release(Settings(release_mapped=mapped), directory)
+    assert bool(mappings(directory / DENSE_INDEX)) is mapped
+    assert bool(mappings(next((directory / LEXICAL_DIR).glob("data*.npy")))) is mapped
+    assert len(release.catalog) == len(fakes.ITEMS)
