@@ -11,7 +11,8 @@ import pytest
 from ranker.config import Settings
 from ranker.errors import NotFound
 from ranker.mapped import mappings
-from ranker.release import DENSE_INDEX, LEXICAL_DIR, MANIFEST, Release, sha256_file
+from ranker.release import DENSE_INDEX, LEXICAL_DIR, MANIFEST, Catalog, Release, sha256_file
+from ranker.retrieval import Analyzer
 from ranker.server import load_release
 from tests.unit import fakes
 from tests.unit.test_vector_engine import random_unit, write_release
@@ -61,3 +62,13 @@ def test_the_service_setting_chooses_mapped_or_copied_index_files(tmp_path: Path
     assert bool(mappings(directory / DENSE_INDEX)) is mapped
     assert bool(mappings(next((directory / LEXICAL_DIR).glob("data*.npy")))) is mapped
     assert len(release.catalog) == len(fakes.ITEMS)
+
+
+def test_a_category_or_brand_repeated_over_rows_is_one_string_object() -> None:
+    frame = pl.DataFrame(
+        {"item_id": ["a", "b", "c"], "title": ["Drill", "Saw", "Paint"], "category": ["tools", "tools", None]}
+    )
+    catalog = Catalog.from_frame(frame, Analyzer())
+    assert catalog.categories == ["tools", "tools", None]
+    assert catalog.categories[0] is catalog.categories[1]
+    assert catalog.rows_with("category", ["tools"]).tolist() == [0, 1]
