@@ -8,6 +8,7 @@ import importlib.util
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -30,6 +31,10 @@ log = logging.getLogger(__name__)
 PYTRITON_DIST = "nvidia-pytriton"
 CONTROL_MODES = ("none", "explicit")
 LOG_TAIL_LINES = 40
+# The python backend's shared-memory regions are files in /dev/shm named by this prefix, a random part per start
+# (so that what one process left can be told apart) and the stub's own id.
+SHM_FOLDER = Path("/dev/shm")
+SHM_PREFIX = "ranker-triton-"
 # The ranker's client pings Triton this often, also on an idle connection, to notice a server that went away
 # (ranker.triton.CHANNEL_ARGS). Triton's defaults refuse such pings and close the connection with GOAWAY
 # too_many_pings, so the server must permit them: the embedded server and deploy/base/triton.yaml pass these.
@@ -187,6 +192,7 @@ class LocalTritonServer:
         self.extra_args = list(extra_args)
         self.startup_seconds: float | None = None
         self._process: subprocess.Popen[bytes] | None = None
+        self.shm_prefix: str | None = None  # the python backend's region names of the last process started
 
     @property
     def grpc_url(self) -> str:
@@ -230,6 +236,8 @@ class LocalTritonServer:
         ]
         if self.model_config_name:
             args.append(f"--model-config-name={self.model_config_name}")
+        if self.shm_prefix:
+            args.append(f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}")
         if self.model_control_mode == "explicit":
             args += [f"--load-model={m}" for m in self.models]
         return args + self.extra_args
@@ -249,15 +257,19 @@ class LocalTritonServer:
         if self.log_file is None:
             self.log_file = Path(tempfile.mkdtemp(prefix="ranker-triton-")) / "tritonserver.log"
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        self._release_leftovers()  # of a previous process that exited by itself (a crash, the OOM killer)
+        self.shm_prefix = f"{SHM_PREFIX}{secrets.token_hex(6)}-"
         started = time.monotonic()
         with self.log_file.open("wb") as log:
-            # The child keeps its own copy of the log descriptor.
+            # The child keeps its own copy of the log descriptor. In a process group of its own, with the python
+            # backend's stubs it starts, so that the stubs can be stopped with it (_release_leftovers).
             self._process = subprocess.Popen(
                 self.command(backend_dir),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=server_env(dict(os.environ)),
+                start_new_session=True,
             )
         try:
             self._wait_ready(started)
@@ -294,7 +306,7 @@ class LocalTritonServer:
 
     def stop(self) -> None:
         """SIGTERM (Triton drains in-flight requests), then SIGKILL after stop_timeout."""
-        process, self._process = self._process, None
+        process = self._process
         if process is not None and process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signal.SIGTERM)
@@ -304,8 +316,27 @@ class LocalTritonServer:
                 with contextlib.suppress(ProcessLookupError):
                     process.kill()
                 process.wait()
+        self._release_leftovers()
+        self._process = None
         if self._own_repository:  # empty: models loaded through the API live in Triton's own temporary folders
             shutil.rmtree(self.model_repository, ignore_errors=True)
+
+    def _release_leftovers(self) -> None:
+        """Stop the python backend stubs and remove the shared memory of the last process, once it has exited.
+
+        A stub notices that its server is gone and exits by itself, but not always: after a server that hung
+        and was then killed under load, the encoder's stub stayed, blocked in its exit with its model in memory
+        (tests/integration/test_faults.py). A stub killed with the server leaves its /dev/shm region behind.
+        Each restart would add to both, and a container's /dev/shm is often only 64 MB."""
+        process, prefix = self._process, self.shm_prefix
+        if process is None or process.poll() is None:
+            return
+        # The group is the dead server's pid: a pid is not reused while a group of that id has members.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+        if prefix:
+            for region in SHM_FOLDER.glob(f"{prefix}*"):
+                region.unlink(missing_ok=True)
 
     def model_config(self, model: str) -> dict[str, object]:
         """The config Triton actually loaded for a model (shows which variant was picked)."""

@@ -95,6 +95,34 @@ def stop_process(process: subprocess.Popen[bytes], timeout: float) -> None:
         process.wait()
 
 
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command's name (state, ppid, pgrp, ...); None once it is gone."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def children(pid: int) -> list[int]:
+    """The pids of the running processes whose parent is `pid` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        fields = _stat_fields(int(entry.name)) if entry.name.isdigit() else None
+        if fields is not None and fields[0] != "Z" and int(fields[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def still_running(pids: list[int], timeout: float) -> list[int]:
+    """Wait up to `timeout` seconds for every one of `pids` to exit; those that have not (zombies count as gone)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = [pid for pid in pids if (fields := _stat_fields(pid)) is not None and fields[0] != "Z"]
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.1)
+
+
 def wait_serving(
     target: str,
     process: subprocess.Popen[bytes],

@@ -26,7 +26,7 @@ from ranker.profiles import EmbeddedProfileStore
 from ranker.release import MODEL_REPOSITORY
 from ranker.tritonserver import LocalTritonServer
 from ranker.v1 import ranker_pb2, ranker_pb2_grpc
-from tests.integration.conftest import RankerProcess, free_port
+from tests.integration.conftest import RankerProcess, children, free_port, still_running
 
 pytestmark = [pytest.mark.triton, pytest.mark.slow]
 
@@ -177,10 +177,14 @@ def _hang(server: LocalTritonServer) -> None:
 
 
 def _kill(server: LocalTritonServer) -> None:
-    """SIGKILL: no drain, connections reset mid-request. stop() then only reaps the process."""
+    """SIGKILL: no drain, connections reset mid-request. stop() then reaps the process and stops the python
+    backend stubs it leaves: after the hang, the encoder's stub used to stay for good, blocked in its exit."""
     assert server.pid is not None
+    stubs = children(server.pid)
+    assert stubs, "no python backend stub under tritonserver"
     os.kill(server.pid, signal.SIGKILL)
     server.stop()
+    assert still_running(stubs, timeout=5.0) == []
 
 
 def _percentile(values: list[float], q: float) -> float:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -19,7 +21,8 @@ from ranker.errors import BackendError, BackendFailed, BackendTimeout, BackendUn
 from ranker.features import NUM_FEATURES
 from ranker.models import ENCODER_CPU_ONNX_FILE, ENCODER_INPUTS, ENCODER_OUTPUT, RANKER_INPUT, RANKER_OUTPUT
 from ranker.triton import TritonEncoder, TritonModels, TritonScorer
-from ranker.tritonserver import LocalTritonServer, TritonServerError
+from ranker.tritonserver import SHM_FOLDER, LocalTritonServer, TritonServerError
+from tests.integration.conftest import children, still_running
 
 pytestmark = [pytest.mark.triton, pytest.mark.slow]
 
@@ -289,6 +292,31 @@ def test_stopped_server_is_unavailable(tmp_path: Path, onnx_files: dict[str, Pat
         assert asyncio.run(ready())
     assert server.pid is None
     assert isinstance(_call_error(url, "ranker"), BackendUnavailable)
+
+
+def test_what_a_dead_server_leaves_is_stopped_and_removed(tmp_path: Path, onnx_files: dict[str, Path]) -> None:
+    """A stub that does not exit after its server died (stopped here, as one blocked in its exit would be)
+    and the /dev/shm regions of stubs killed with the server are gone after stop(), and after a start()."""
+    repository = tmp_path / "repo"
+    write_model_repository(
+        repository, onnx_files, extra_files={"text_encoder": {ENCODER_CPU_ONNX_FILE: onnx_files["text_encoder"]}}
+    )
+    server = LocalTritonServer(repository)
+    try:
+        for again in (server.start, server.stop):
+            assert server.start() is server and server.pid is not None and server.shm_prefix is not None
+            stubs, prefix = children(server.pid), server.shm_prefix
+            assert len(stubs) == 2 and len(list(SHM_FOLDER.glob(f"{prefix}*"))) == 2
+            os.kill(stubs[0], signal.SIGSTOP)  # cannot notice that its server is gone
+            os.kill(stubs[1], signal.SIGKILL)  # cannot remove its region
+            os.kill(server.pid, signal.SIGKILL)
+            while server.running:  # polls: the kill takes a moment to land
+                time.sleep(0.01)
+            again()
+            assert still_running(stubs, timeout=5.0) == []
+            assert list(SHM_FOLDER.glob(f"{prefix}*")) == []
+    finally:
+        server.stop()
 
 
 def test_explicit_mode_loads_only_the_named_models(tmp_path: Path, onnx_files: dict[str, Path]) -> None:
